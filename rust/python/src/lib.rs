@@ -1,1 +1,184 @@
+//! `fastckpt._fastckpt`: the whole Python boundary. Arrays are borrowed while attached,
+//! owned by the write job (so nothing relies on the caller keeping them alive), and every
+//! byte of I/O runs detached from the interpreter.
 
+mod arrays;
+mod errors;
+mod job;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use fastckpt_core::format::safetensors;
+use fastckpt_core::io::{self, ReadItem, WriteOptions};
+use fastckpt_core::Digest;
+use numpy::PyUntypedArray;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::arrays::{tensors_from_py, writable_dest};
+use crate::errors::to_py_err;
+use crate::job::PyJob;
+
+fn write_options(threads: Option<usize>) -> PyResult<WriteOptions> {
+    match threads {
+        Some(0) => Err(PyValueError::new_err(
+            "threads must be at least 1. Received: threads=0",
+        )),
+        Some(n) => Ok(WriteOptions { threads: n }),
+        None => Ok(WriteOptions::default()),
+    }
+}
+
+/// Writes a SafeTensors file; returns a job (already finished unless `background`).
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata, *, threads=None, background=false))]
+fn write_safetensors(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    metadata: BTreeMap<String, String>,
+    threads: Option<usize>,
+    background: bool,
+) -> PyResult<PyJob> {
+    let tensors = tensors_from_py(tensors)?;
+    let opts = write_options(threads)?;
+    let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(py, &e))?;
+    let work = move || {
+        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
+        Ok((vec![path], bytes))
+    };
+    Ok(PyJob::start(py, work, background))
+}
+
+/// Reads `(offset, array)` items in parallel into the arrays (C-contiguous, writable);
+/// returns their CRC-32C values when `crc32c` is true.
+#[pyfunction]
+#[pyo3(signature = (path, items, *, threads=None, crc32c=false))]
+fn read_into(
+    py: Python<'_>,
+    path: PathBuf,
+    items: Vec<(u64, Bound<'_, PyUntypedArray>)>,
+    threads: Option<usize>,
+    crc32c: bool,
+) -> PyResult<Option<Vec<u32>>> {
+    let threads = write_options(threads)?.threads;
+    let mut reads = Vec::with_capacity(items.len());
+    for (i, (offset, arr)) in items.iter().enumerate() {
+        let (dest, len) = writable_dest(arr, i)?;
+        reads.push(ReadItem {
+            offset: *offset,
+            dest,
+            len,
+        });
+    }
+    let digest = if crc32c { Digest::Crc32c } else { Digest::None };
+    // SAFETY: each destination is a distinct, writable, C-contiguous array that `items`
+    // keeps alive until we return; overlapping destinations are refused by `writable_dest`'s
+    // caller contract (the Python loader allocates one fresh array per item).
+    let sums = py
+        .detach(|| unsafe { io::read_into(&path, &reads, threads, digest) })
+        .map_err(|e| to_py_err(py, &e))?;
+    Ok(crc32c.then_some(sums))
+}
+
+/// Parses and validates a SafeTensors header: `(metadata, [(name, dtype, shape, offset,
+/// nbytes, crc32c or None), ...])` in payload order.
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn safetensors_header(
+    py: Python<'_>,
+    path: PathBuf,
+) -> PyResult<(
+    BTreeMap<String, String>,
+    Vec<(String, &'static str, Vec<u64>, u64, u64, Option<u32>)>,
+)> {
+    let header = py
+        .detach(|| -> fastckpt_core::Result<_> {
+            use std::io::Read;
+            let file = std::fs::File::open(&path)
+                .map_err(|e| fastckpt_core::Error::io("open", &path, e))?;
+            let len = file
+                .metadata()
+                .map_err(|e| fastckpt_core::Error::io("stat", &path, e))?
+                .len();
+            let mut head = vec![0u8; 8.min(len) as usize];
+            (&file)
+                .read_exact(&mut head)
+                .map_err(|e| fastckpt_core::Error::io("read", &path, e))?;
+            let n = safetensors::header_len(&path, &head, len)?;
+            head.resize(8 + n as usize, 0);
+            (&file)
+                .read_exact(&mut head[8..])
+                .map_err(|e| fastckpt_core::Error::io("read", &path, e))?;
+            safetensors::parse_header(&path, &head, len)
+        })
+        .map_err(|e| to_py_err(py, &e))?;
+    let tensors = header
+        .tensors
+        .into_iter()
+        .map(|t| {
+            (
+                t.name,
+                t.dtype.numpy_name(),
+                t.shape,
+                t.offset,
+                t.nbytes,
+                t.crc32c,
+            )
+        })
+        .collect();
+    Ok((header.metadata, tensors))
+}
+
+/// Removes temp files that dead fastckpt writers left in `folder`; returns how many.
+#[pyfunction]
+fn sweep_stale_temps(py: Python<'_>, folder: PathBuf) -> usize {
+    py.detach(|| io::sweep_stale_temps(&folder))
+}
+
+/// Whether a file name is a fastckpt temp file.
+#[pyfunction]
+fn is_temp_name(name: PathBuf) -> bool {
+    io::is_temp_name(name.as_os_str())
+}
+
+/// Test hook: make every later save fail at `stage` ("write", "fsync", "rename",
+/// "dir_fsync"), or clear with None. Only in builds with the `fault-injection` feature.
+#[pyfunction]
+#[pyo3(signature = (stage))]
+fn _inject_fault(stage: Option<&str>) -> PyResult<()> {
+    if !io::fault::ENABLED {
+        return Err(PyValueError::new_err(
+            "this build of fastckpt has no fault injection",
+        ));
+    }
+    let stage = stage
+        .map(|s| {
+            io::fault::Stage::parse(s)
+                .ok_or_else(|| PyValueError::new_err(format!("unknown stage {s:?}")))
+        })
+        .transpose()?;
+    io::fault::arm(stage);
+    Ok(())
+}
+
+#[pymodule]
+fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyJob>()?;
+    m.add_function(wrap_pyfunction!(write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(read_into, m)?)?;
+    m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
+    m.add_function(wrap_pyfunction!(sweep_stale_temps, m)?)?;
+    m.add_function(wrap_pyfunction!(is_temp_name, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
+    m.add("DEFAULT_THREADS", io::default_threads())?;
+    m.add("FAULT_INJECTION", io::fault::ENABLED)?;
+    let dtypes = PyDict::new(m.py());
+    for d in fastckpt_core::DType::ALL {
+        dtypes.set_item(d.numpy_name(), d.size())?;
+    }
+    m.add("DTYPES", dtypes)?;
+    Ok(())
+}

@@ -71,7 +71,10 @@ mod tests {
     fn names_are_recognised() {
         let p = temp_path_for(Path::new("/x/ckpt.weights.h5"));
         let name = p.file_name().unwrap();
-        assert!(name.to_str().unwrap().starts_with(".ckpt.weights.h5.fastckpt-"));
+        assert!(name
+            .to_str()
+            .unwrap()
+            .starts_with(".ckpt.weights.h5.fastckpt-"));
         assert_eq!(writer_pid(name), Some(std::process::id() as i32));
         assert!(!is_temp_name(OsStr::new("ckpt.weights.h5")));
         assert!(!is_temp_name(OsStr::new(".a.fastckpt-12-x.tmp")));

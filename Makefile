@@ -1,0 +1,58 @@
+# The two set-up commands of the README:
+#   make demo   train a small model with fastckpt.ModelCheckpoint and reload it with Keras
+#   make test   install what a fresh machine lacks, then run every test
+# Both work on a fresh machine; everything lands in .venv.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export KERAS_BACKEND ?= tensorflow
+export TF_CPP_MIN_LOG_LEVEL ?= 3
+export PYO3_PYTHON := $(abspath $(VPY))
+
+.PHONY: demo test test-rust test-python dev system-deps bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q "maturin>=1.7,<2" "tensorflow-cpu==2.21.*" "keras>=3.15,<3.16" \
+	    h5py ml-dtypes numpy safetensors zstandard pytest hypothesis psutil mypy ruff \
+	    pytest-benchmark matplotlib
+	touch $(STAMP)
+
+system-deps:
+	@command -v h5dump >/dev/null && command -v strace >/dev/null || { \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hdf5-tools strace; }
+
+# The extension, built in place (python/fastckpt/_fastckpt.abi3.so, with the test-only fault
+# injection switch), and python/ put on the venv's path. `pip install .` builds the wheel.
+dev: $(STAMP)
+	PYO3_BUILD_EXTENSION_MODULE=1 cargo build -q -p fastckpt-python --profile dev-fast \
+	    --features fault-injection
+	cp target/dev-fast/lib_fastckpt.so python/fastckpt/_fastckpt.abi3.so
+	echo "$(abspath python)" > "$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')/fastckpt-dev.pth"
+
+test-rust:
+	cargo fmt --all -- --check
+	cargo clippy -q --workspace --all-targets -- -D warnings
+	cargo test -q --workspace --exclude fastckpt-python
+
+test-python: dev system-deps
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VPY) -m pytest -q
+
+test: $(STAMP) system-deps test-rust test-python
+
+demo: dev
+	$(VPY) examples/demo.py
+
+bench: dev
+	$(VENV)/bin/fastckpt bench
+
+bench-quick: dev
+	$(VENV)/bin/fastckpt bench --quick
+
+clean:
+	rm -rf target $(VENV) python/fastckpt/*.so

@@ -1,0 +1,12 @@
+"""The exception tree. OS failures surface as the builtin `OSError` subclasses
+(`FileNotFoundError`, `PermissionError`, `IsADirectoryError`, ...); everything else that
+fastckpt raises about a checkpoint is a `CheckpointError`."""
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be saved or loaded."""
+
+
+class CheckpointContentError(CheckpointError, ValueError):
+    """What a checkpoint holds (or was asked to hold) is wrong: a corrupt or hostile file,
+    a checksum mismatch, a variable whose shape or dtype does not match the model."""

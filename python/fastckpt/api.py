@@ -1,0 +1,308 @@
+"""`save`, `load` and `load_model`: the engine as a plain API."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import time
+from typing import Any
+
+import keras
+import numpy as np
+from keras.src import backend
+from keras.src.saving import saving_lib
+
+from fastckpt import _fastckpt, _readers
+from fastckpt._errors import CheckpointContentError
+from fastckpt._formats import format_for
+from fastckpt._snapshot import snapshot
+from fastckpt._walk import SavePlan, plan_for
+
+FORMAT_VERSION = "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveResult:
+    """A durable checkpoint.
+
+    Attributes:
+        path: the file written (for sharded weights, the index).
+        bytes: bytes written, over all files.
+        seconds: from the `save` call to the folder's fsync.
+        paths: every file written.
+    """
+
+    path: str
+    bytes: int
+    seconds: float
+    paths: tuple[str, ...]
+
+
+class SaveJob:
+    """A save running in the background; `fastckpt.save(..., background=True)` returns one.
+
+    The snapshot is already taken, so the model can keep training. The file appears at its
+    path, complete and durable, only when the job has succeeded.
+    """
+
+    def __init__(self, job: _fastckpt.Job, path: str, started: float) -> None:
+        self._job = job
+        self.path = path
+        self._started = started
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the save ends or `timeout` seconds pass; returns whether it ended."""
+        return self._job.wait(timeout)
+
+    def done(self) -> bool:
+        """Whether the save has ended, successfully or not."""
+        return self._job.done()
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        """Waits for the save and returns its `SaveResult`, or raises its error.
+
+        Raises:
+            TimeoutError: `timeout` passed first.
+        """
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
+        paths, nbytes, _ = self._job.result()
+        paths = tuple(os.fspath(p) for p in paths)
+        seconds = time.perf_counter() - self._started
+        return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Waits for the save and returns its error, or None when it succeeded."""
+        if not self._job.wait(timeout):
+            raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
+        return self._job.exception()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "running"
+        return f"<fastckpt.SaveJob {state} path={self.path!r}>"
+
+
+def _check_path(path: str, overwrite: bool) -> None:
+    if "://" in path:
+        raise ValueError(f"fastckpt writes local files only. Received: path={path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            errno.EISDIR, "Please specify a non-directory filepath for the checkpoint", path
+        )
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "checkpoint exists and overwrite=False", path)
+
+
+def _keras_metadata(model: keras.Model, weights_only: bool) -> dict[str, str]:
+    meta = {
+        "format": "fastckpt",
+        "fastckpt.format_version": FORMAT_VERSION,
+        "keras_version": keras.__version__,
+        "keras_backend": backend.backend(),
+    }
+    if not weights_only:
+        meta["keras.config"], _ = saving_lib._serialize_model_as_json(model)
+    return meta
+
+
+def start_write(
+    model: keras.Model,
+    path: str,
+    plan: SavePlan,
+    arrays: list[np.ndarray],
+    *,
+    weights_only: bool,
+    threads: int | None,
+    background: bool,
+) -> _fastckpt.Job:
+    """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
+    fmt = format_for(path)
+    if fmt == "safetensors":
+        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
+        meta = _keras_metadata(model, weights_only)
+        return _fastckpt.write_safetensors(
+            path, tensors, meta, threads=threads, background=background
+        )
+    raise ValueError(f"fastckpt does not write {fmt} files yet. Received: path={path!r}")
+
+
+def save(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = True,
+    overwrite: bool = True,
+    background: bool = False,
+    threads: int | None = None,
+    weights_only: bool = False,
+) -> SaveResult | SaveJob:
+    """Saves `model`'s state to `path`, durably and atomically.
+
+    The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
+    model) or `.safetensors`. The file is written beside the target under a temp name,
+    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
+    previous file untouched.
+
+    Args:
+        model: a built Keras model.
+        path: the file to write.
+        include_optimizer: also save the optimizer's variables (as Keras does).
+        overwrite: if False, an existing file is an error.
+        background: return a `SaveJob` as soon as the snapshot is taken.
+        threads: writer threads (default: one per core, at most 8).
+        weights_only: for `.safetensors`, leave the model config out of the metadata.
+
+    Returns:
+        A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
+    """
+    started = time.perf_counter()
+    path = os.fspath(path)
+    format_for(path)
+    _check_path(path, overwrite)
+    plan = plan_for(model, include_optimizer)
+    arrays = snapshot(plan)
+    job = start_write(
+        model, path, plan, arrays, weights_only=weights_only, threads=threads, background=background
+    )
+    handle = SaveJob(job, path, started)
+    return handle if background else handle.result()
+
+
+def _build_optimizer_if_needed(model: keras.Model, names: set[str]) -> None:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or optimizer.built:
+        return
+    if any(n.startswith("optimizer/") for n in names):
+        optimizer.build(model.trainable_variables)
+
+
+def _describe(dtype: str, shape: tuple[int, ...]) -> str:
+    return f"{dtype} {tuple(shape)}"
+
+
+def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = None) -> None:
+    """Restores every model and optimizer variable from `path`, bit-exact.
+
+    Reads files written by fastckpt or by Keras itself. Every variable is checked against
+    the file first: a missing or unexpected variable, or a shape or dtype mismatch, raises
+    `CheckpointContentError` naming the variable's path, before anything is assigned.
+    """
+    path = os.fspath(path)
+    checkpoint = _readers.open_checkpoint(path)
+    _build_optimizer_if_needed(model, set(checkpoint.tensors))
+    plan = plan_for(model, include_optimizer=True)
+    if not any(n.startswith("optimizer/") for n in checkpoint.tensors):
+        plan = plan_for(model, include_optimizer=False)
+    wanted = {e.path: e for e in plan.entries}
+    missing = [p for p in wanted if p not in checkpoint.tensors]
+    unexpected = [p for p in checkpoint.tensors if p not in wanted]
+    if missing or unexpected:
+        raise CheckpointContentError(
+            f"{path} does not match the model: "
+            + "; ".join(
+                part
+                for part in (
+                    missing and f"missing {_listing(missing)}",
+                    unexpected and f"not in the model {_listing(unexpected)}",
+                )
+                if part
+            )
+        )
+    for name, entry in wanted.items():
+        info = checkpoint.tensors[name]
+        have = _value_spec(entry.source)
+        if have != (info.dtype, tuple(info.shape)):
+            raise CheckpointContentError(
+                f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
+                f"{_describe(*have)}"
+                + (f" (variable {entry.source.path})" if isinstance(entry.source, keras.Variable) else "")
+            )
+    values = checkpoint.read(list(wanted), threads=threads)
+    if plan.dynamic:
+        _load_through_keras(model, plan, values)
+    else:
+        for name, entry in wanted.items():
+            entry.source.assign(values[name])
+
+
+def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
+    if isinstance(source, keras.Variable):
+        return backend.standardize_dtype(source.dtype), tuple(source.shape)
+    arr = np.asarray(backend.convert_to_numpy(source))
+    return arr.dtype.name, arr.shape
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return f"{len(names)} variables: {shown}" + (", ..." if len(names) > most else "")
+
+
+class _ServingStore(saving_lib.H5IOStore):
+    """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
+    load their state themselves (custom `load_own_variables`)."""
+
+    def __init__(self, values: dict[str, np.ndarray]) -> None:  # noqa: D107
+        self._values = values
+        self._group = "vars"
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, path):
+        self._group = f"{path}/vars" if path else "vars"
+        return self
+
+    def has_path(self, path):
+        return any(k.startswith(f"{path}/") for k in self._values)
+
+    def keys(self):
+        prefix = f"{self._group}/"
+        return [k[len(prefix) :] for k in self._values if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __contains__(self, key):
+        return f"{self._group}/{key}" in self._values
+
+    def __getitem__(self, key):
+        return self._values[f"{self._group}/{key}"]
+
+    def close(self) -> None:
+        pass
+
+
+def _load_through_keras(model: keras.Model, plan: SavePlan, values: dict[str, np.ndarray]) -> None:
+    failed: set[int] = set()
+    errors: dict[int, Any] = {}
+    saving_lib._load_state(
+        model,
+        weights_store=_ServingStore(values),
+        assets_store=None,
+        inner_path="",
+        skip_mismatch=False,
+        visited_saveables=set(),
+        failed_saveables=failed,
+        error_msgs=errors,
+    )
+    if failed:
+        saving_lib._raise_loading_failure(errors)
+
+
+def load_model(path: str | os.PathLike, *, compile: bool = True, safe_mode: bool = True, threads: int | None = None) -> keras.Model:
+    """Rebuilds a model from a checkpoint that carries its config, then loads its state.
+
+    Works for `.safetensors` files saved with the config (the default of `fastckpt.save`).
+    """
+    path = os.fspath(path)
+    checkpoint = _readers.open_checkpoint(path)
+    config = checkpoint.model_config
+    if config is None:
+        raise CheckpointContentError(
+            f"{path} holds no model config (it was saved with weights_only=True): build the "
+            "model in code and use fastckpt.load(model, path)"
+        )
+    model = saving_lib._model_from_config(config, None, compile, safe_mode)
+    load(model, path, threads=threads)
+    return model

@@ -1,0 +1,103 @@
+//! numpy arrays in, core tensors out: checked once while attached, then owned by the job.
+
+use std::sync::Arc;
+
+use fastckpt_core::{DType, Tensor, TensorBytes};
+use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
+use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+/// A numpy array's bytes, kept alive by a reference to the array.
+struct ArrayBytes {
+    _owner: Py<PyAny>,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the array object is kept alive by `_owner` (its data never moves while it lives),
+// and fastckpt only reads the bytes. Callers hand us arrays they will not mutate until the
+// job ends: the engine's snapshot buffers are not reused before then.
+unsafe impl Send for ArrayBytes {}
+unsafe impl Sync for ArrayBytes {}
+
+impl TensorBytes for ArrayBytes {
+    fn bytes(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: see the Send/Sync note: ptr..ptr+len is the live array's buffer.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+fn dtype_of(name: &str, arr: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
+    let descr = arr.dtype();
+    let dtype_name: String = descr.getattr("name")?.extract()?;
+    let byteorder: String = descr.getattr("byteorder")?.extract()?;
+    let dtype = DType::from_numpy_name(&dtype_name).ok_or_else(|| {
+        let supported: Vec<_> = DType::ALL.iter().map(|d| d.numpy_name()).collect();
+        PyTypeError::new_err(format!(
+            "cannot save {name}: dtype {dtype_name} is not supported (supported: {})",
+            supported.join(", ")
+        ))
+    })?;
+    if byteorder == ">" {
+        return Err(PyValueError::new_err(format!(
+            "cannot save {name}: the array is big-endian; convert it with arr.astype(arr.dtype.newbyteorder('<'))"
+        )));
+    }
+    Ok(dtype)
+}
+
+/// The array's data pointer and flags.
+fn array_fields(arr: &Bound<'_, PyUntypedArray>) -> (*mut std::ffi::c_char, i32) {
+    // SAFETY: `arr` is a live numpy array, so its object fields are valid to read.
+    unsafe {
+        let fields = _PyArray_GET_ITEM_DATA(arr.as_array_ptr());
+        ((*fields).data, (*fields).flags)
+    }
+}
+
+/// Converts `(name, array)` pairs. Arrays must be numpy, C-contiguous and of a dtype a
+/// checkpoint can hold; errors name the tensor.
+pub fn tensors_from_py(items: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Tensor>> {
+    items
+        .into_iter()
+        .map(|(name, obj)| {
+            let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "cannot save {name}: expected a numpy array, got {}",
+                    obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                ))
+            })?;
+            let dtype = dtype_of(&name, arr)?;
+            if !arr.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "cannot save {name}: the array is not C-contiguous; pass np.ascontiguousarray(...)"
+                )));
+            }
+            let shape: Vec<u64> = arr.shape().iter().map(|&d| d as u64).collect();
+            let len = arr.len() * dtype.size();
+            let ptr = array_fields(arr).0 as *const u8;
+            let bytes = ArrayBytes {
+                _owner: arr.clone().into_any().unbind(),
+                ptr,
+                len,
+            };
+            Tensor::new(name, dtype, shape, Arc::new(bytes)).map_err(|e| PyValueError::new_err(e.to_string()))
+        })
+        .collect()
+}
+
+/// The buffer of a destination array for reading: C-contiguous and writable.
+pub fn writable_dest(arr: &Bound<'_, PyUntypedArray>, index: usize) -> PyResult<(*mut u8, usize)> {
+    let (ptr, flags) = array_fields(arr);
+    if !arr.is_c_contiguous() || flags & NPY_ARRAY_WRITEABLE == 0 {
+        return Err(PyValueError::new_err(format!(
+            "read destination {index} must be a writable C-contiguous array"
+        )));
+    }
+    let itemsize: usize = arr.dtype().getattr("itemsize")?.extract()?;
+    Ok((ptr as *mut u8, arr.len() * itemsize))
+}
