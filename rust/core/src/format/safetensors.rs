@@ -63,7 +63,9 @@ pub struct SafeTensorsLayout {
 /// Plans a file holding `tensors` (names must be unique) and `metadata`.
 pub fn plan(tensors: &[Tensor], metadata: BTreeMap<String, String>) -> Result<SafeTensorsLayout> {
     if metadata.contains_key(CHECKSUM_KEY) {
-        return Err(Error::invalid(format!("metadata key {CHECKSUM_KEY:?} is reserved")));
+        return Err(Error::invalid(format!(
+            "metadata key {CHECKSUM_KEY:?} is reserved"
+        )));
     }
     let mut seen = HashSet::new();
     for t in tensors {
@@ -71,7 +73,10 @@ pub fn plan(tensors: &[Tensor], metadata: BTreeMap<String, String>) -> Result<Sa
             return Err(Error::invalid("a tensor cannot be named \"__metadata__\""));
         }
         if !seen.insert(t.name.as_str()) {
-            return Err(Error::invalid(format!("tensor name {:?} appears twice", t.name)));
+            return Err(Error::invalid(format!(
+                "tensor name {:?} appears twice",
+                t.name
+            )));
         }
     }
     let mut order: Vec<usize> = (0..tensors.len()).collect();
@@ -132,7 +137,10 @@ impl SafeTensorsLayout {
             .zip(digests)
             .map(|(e, d)| (e.name.clone(), Value::String(format!("{d:08x}"))))
             .collect();
-        meta.insert(CHECKSUM_KEY.into(), Value::String(Value::Object(sums).to_string()));
+        meta.insert(
+            CHECKSUM_KEY.into(),
+            Value::String(Value::Object(sums).to_string()),
+        );
         let mut root = Map::new();
         root.insert("__metadata__".into(), Value::Object(meta));
         for e in &self.entries {
@@ -165,7 +173,9 @@ impl Layout for SafeTensorsLayout {
     fn regions(&self, digests: &[u32]) -> Result<Vec<Region>> {
         let mut header = self.header_json(digests).into_bytes();
         if padded_len(header.len()) != self.header_len {
-            return Err(Error::invalid("safetensors header changed length while writing"));
+            return Err(Error::invalid(
+                "safetensors header changed length while writing",
+            ));
         }
         header.resize(self.header_len as usize, b' ');
         let mut bytes = Vec::with_capacity(8 + header.len());
@@ -224,8 +234,12 @@ pub fn parse_header(path: &Path, head: &[u8], file_len: u64) -> Result<Header> {
             }
             continue;
         }
-        let info = parse_entry(&name, &value, data_len).map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
-        tensors.push(TensorInfo { offset: data_start + info.0, ..info.1 });
+        let info = parse_entry(&name, &value, data_len)
+            .map_err(|r| bad(format!("tensor {name:?}: {r}")))?;
+        tensors.push(TensorInfo {
+            offset: data_start + info.0,
+            ..info.1
+        });
     }
     tensors.sort_by_key(|t| (t.offset, t.nbytes));
     let mut at = data_start;
@@ -239,17 +253,22 @@ pub fn parse_header(path: &Path, head: &[u8], file_len: u64) -> Result<Header> {
         at += t.nbytes;
     }
     if at != file_len {
-        return Err(bad(format!("payloads end at {at} but the file has {file_len} bytes")));
+        return Err(bad(format!(
+            "payloads end at {at} but the file has {file_len} bytes"
+        )));
     }
     if let Some(sums) = metadata.get(CHECKSUM_KEY) {
-        let sums: BTreeMap<String, String> = serde_json::from_str(sums)
-            .map_err(|e| bad(format!("{CHECKSUM_KEY} is not a JSON object of strings: {e}")))?;
+        let sums: BTreeMap<String, String> = serde_json::from_str(sums).map_err(|e| {
+            bad(format!(
+                "{CHECKSUM_KEY} is not a JSON object of strings: {e}"
+            ))
+        })?;
         for t in &mut tensors {
             if let Some(hex) = sums.get(&t.name) {
-                t.crc32c = Some(
-                    u32::from_str_radix(hex, 16)
-                        .map_err(|_| bad(format!("checksum of {:?} is not hex: {hex:?}", t.name)))?,
-                );
+                t.crc32c =
+                    Some(u32::from_str_radix(hex, 16).map_err(|_| {
+                        bad(format!("checksum of {:?} is not hex: {hex:?}", t.name))
+                    })?);
             }
         }
     }
@@ -272,7 +291,11 @@ pub fn header_len(path: &Path, head: &[u8], file_len: u64) -> Result<u64> {
     Ok(n)
 }
 
-fn parse_entry(name: &str, value: &Value, data_len: u64) -> std::result::Result<(u64, TensorInfo), String> {
+fn parse_entry(
+    name: &str,
+    value: &Value,
+    data_len: u64,
+) -> std::result::Result<(u64, TensorInfo), String> {
     let obj = value.as_object().ok_or("entry is not an object")?;
     let code = obj.get("dtype").and_then(Value::as_str).ok_or("no dtype")?;
     let dtype = dtype_from_code(code).ok_or_else(|| format!("unsupported dtype {code:?}"))?;
@@ -290,16 +313,24 @@ fn parse_entry(name: &str, value: &Value, data_len: u64) -> std::result::Result<
     let [begin, end] = offsets.as_slice() else {
         return Err("data_offsets is not [begin, end]".into());
     };
-    let (begin, end) = (begin.as_u64().ok_or("bad begin")?, end.as_u64().ok_or("bad end")?);
+    let (begin, end) = (
+        begin.as_u64().ok_or("bad begin")?,
+        end.as_u64().ok_or("bad end")?,
+    );
     if begin > end || end > data_len {
-        return Err(format!("data_offsets [{begin}, {end}] fall outside the {data_len} payload bytes"));
+        return Err(format!(
+            "data_offsets [{begin}, {end}] fall outside the {data_len} payload bytes"
+        ));
     }
     let expected = shape
         .iter()
         .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
         .ok_or("shape overflows")?;
     if expected != end - begin {
-        return Err(format!("shape {shape:?} of {code} needs {expected} bytes, data_offsets give {}", end - begin));
+        return Err(format!(
+            "shape {shape:?} of {code} needs {expected} bytes, data_offsets give {}",
+            end - begin
+        ));
     }
     Ok((
         begin,
@@ -336,7 +367,10 @@ mod tests {
         let layout = plan(&tensors, meta).unwrap();
         write_file(&path, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
         let bytes = std::fs::read(&path).unwrap();
-        assert_eq!((8 + header_len(&path, &bytes, bytes.len() as u64).unwrap()) % 8, 0);
+        assert_eq!(
+            (8 + header_len(&path, &bytes, bytes.len() as u64).unwrap()) % 8,
+            0
+        );
         let header = parse_header(&path, &bytes, bytes.len() as u64).unwrap();
         assert_eq!(header.metadata["format"], "keras");
         let names: Vec<_> = header.tensors.iter().map(|t| t.name.as_str()).collect();
@@ -350,7 +384,11 @@ mod tests {
     fn rejects_duplicates_and_reserved_names() {
         let t = sample();
         let dup = vec![t[0].clone(), t[0].clone()];
-        assert!(plan(&dup, BTreeMap::new()).err().unwrap().to_string().contains("twice"));
+        assert!(plan(&dup, BTreeMap::new())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("twice"));
         let reserved = BTreeMap::from([(CHECKSUM_KEY.to_string(), String::new())]);
         assert!(plan(&t, reserved).is_err());
     }
@@ -365,9 +403,27 @@ mod tests {
             b
         };
         let cases = [
-            (file(r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, 4), "outside"),
-            (file(r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8), "needs 12 bytes"),
-            (file(r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#, 8), "unsupported dtype"),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                    4,
+                ),
+                "outside",
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "needs 12 bytes",
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "unsupported dtype",
+            ),
             (
                 file(
                     r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}"#,
@@ -375,13 +431,21 @@ mod tests {
                 ),
                 "overlaps",
             ),
-            (file(r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#, 4), "overflows"),
+            (
+                file(
+                    r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
+                    4,
+                ),
+                "overflows",
+            ),
             (file("[1]", 0), "not a JSON object"),
             (vec![255; 16], "exceeds"),
             (vec![1, 2], "shorter"),
         ];
         for (bytes, want) in cases {
-            let err = parse_header(p, &bytes, bytes.len() as u64).unwrap_err().to_string();
+            let err = parse_header(p, &bytes, bytes.len() as u64)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

@@ -48,7 +48,11 @@ pub fn write_file(
         ));
     }
     if !dir.is_dir() {
-        let source = if dir.exists() { libc::ENOTDIR } else { libc::ENOENT };
+        let source = if dir.exists() {
+            libc::ENOTDIR
+        } else {
+            libc::ENOENT
+        };
         return Err(Error::io(
             "no folder to write into",
             &dir,
@@ -71,9 +75,17 @@ fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
     let len = layout.file_len();
     for slot in layout.slots() {
         let t = tensors.get(slot.tensor).ok_or_else(|| {
-            Error::invalid(format!("layout names tensor {} of {}", slot.tensor, tensors.len()))
+            Error::invalid(format!(
+                "layout names tensor {} of {}",
+                slot.tensor,
+                tensors.len()
+            ))
         })?;
-        if slot.offset.checked_add(t.nbytes()).is_none_or(|end| end > len) {
+        if slot
+            .offset
+            .checked_add(t.nbytes())
+            .is_none_or(|end| end > len)
+        {
             return Err(Error::invalid(format!(
                 "{}: payload at {} + {} lies past the planned end {len}",
                 t.name,
@@ -85,7 +97,12 @@ fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
     Ok(())
 }
 
-fn write_temp(temp: &Path, layout: &dyn Layout, tensors: &[Tensor], opts: &WriteOptions) -> Result<u64> {
+fn write_temp(
+    temp: &Path,
+    layout: &dyn Layout,
+    tensors: &[Tensor],
+    opts: &WriteOptions,
+) -> Result<u64> {
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)

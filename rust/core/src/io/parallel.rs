@@ -52,21 +52,47 @@ pub(crate) fn plan_pieces(items: &[(u64, usize)], batch_small: bool) -> Vec<Piec
         if batch_small && len < SMALL {
             if let Some(b) = batch.as_mut() {
                 let end = b.offset + b.span;
-                if offset >= end && offset - end <= BATCH_GAP && offset + len as u64 - b.offset <= BATCH_SPAN {
+                if offset >= end
+                    && offset - end <= BATCH_GAP
+                    && offset + len as u64 - b.offset <= BATCH_SPAN
+                {
                     b.span = offset + len as u64 - b.offset;
-                    b.extents.push(Extent { item: i, offset, start: 0, len });
+                    b.extents.push(Extent {
+                        item: i,
+                        offset,
+                        start: 0,
+                        len,
+                    });
                     continue;
                 }
             }
             pieces.extend(batch.take());
-            batch = Some(Piece { offset, span: len as u64, extents: vec![Extent { item: i, offset, start: 0, len }] });
+            batch = Some(Piece {
+                offset,
+                span: len as u64,
+                extents: vec![Extent {
+                    item: i,
+                    offset,
+                    start: 0,
+                    len,
+                }],
+            });
             continue;
         }
         let mut start = 0;
         while start < len {
             let part = (len - start).min(PIECE_BYTES);
             let at = offset + start as u64;
-            pieces.push(Piece { offset: at, span: part as u64, extents: vec![Extent { item: i, offset: at, start, len: part }] });
+            pieces.push(Piece {
+                offset: at,
+                span: part as u64,
+                extents: vec![Extent {
+                    item: i,
+                    offset: at,
+                    start,
+                    len: part,
+                }],
+            });
             start += part;
         }
     }
@@ -121,7 +147,10 @@ pub(crate) struct Digests {
 impl Digests {
     pub fn new(kind: Digest, items: usize) -> Digests {
         let n = if kind == Digest::None { 0 } else { items };
-        Digests { kind, parts: Mutex::new(vec![Vec::new(); n]) }
+        Digests {
+            kind,
+            parts: Mutex::new(vec![Vec::new(); n]),
+        }
     }
 
     pub fn wanted(&self) -> bool {
@@ -147,7 +176,9 @@ impl Digests {
             .into_iter()
             .map(|mut parts| {
                 parts.sort_by_key(|p| p.0);
-                parts.into_iter().fold(0u32, |acc, (_, d, len)| combine(kind, acc, d, len))
+                parts
+                    .into_iter()
+                    .fold(0u32, |acc, (_, d, len)| combine(kind, acc, d, len))
             })
             .collect()
     }
@@ -173,9 +204,18 @@ mod tests {
     #[test]
     fn large_items_are_split_and_small_ones_batched() {
         let big = PIECE_BYTES * 2 + 5;
-        let items = [(0u64, 10usize), (16, 10), (64, big), (64 + big as u64, 0), (1 << 40, 3)];
+        let items = [
+            (0u64, 10usize),
+            (16, 10),
+            (64, big),
+            (64 + big as u64, 0),
+            (1 << 40, 3),
+        ];
         let pieces = plan_pieces(&items, true);
-        let spans: Vec<_> = pieces.iter().map(|p| (p.offset, p.span, p.extents.len())).collect();
+        let spans: Vec<_> = pieces
+            .iter()
+            .map(|p| (p.offset, p.span, p.extents.len()))
+            .collect();
         assert_eq!(
             spans,
             vec![
@@ -205,7 +245,10 @@ mod tests {
 
     #[test]
     fn first_error_stops_the_run() {
-        let pieces = plan_pieces(&[(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)], false);
+        let pieces = plan_pieces(
+            &[(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 1 << 20)],
+            false,
+        );
         let err = run_pieces(&pieces, 2, |p| {
             if p.offset == 1 << 20 {
                 Err(io::Error::from_raw_os_error(libc::ENOSPC))

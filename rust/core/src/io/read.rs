@@ -28,14 +28,23 @@ unsafe impl Sync for ReadItem {}
 /// # Safety
 /// Each `dest` must be valid for writes of `len` bytes, not aliased by another item or by
 /// anything else while this runs.
-pub unsafe fn read_into(path: &Path, items: &[ReadItem], threads: usize, digest: Digest) -> Result<Vec<u32>> {
+pub unsafe fn read_into(
+    path: &Path,
+    items: &[ReadItem],
+    threads: usize,
+    digest: Digest,
+) -> Result<Vec<u32>> {
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let size = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
     for (i, it) in items.iter().enumerate() {
-        if it.offset.checked_add(it.len as u64).is_none_or(|end| end > size) {
+        if it
+            .offset
+            .checked_add(it.len as u64)
+            .is_none_or(|end| end > size)
+        {
             return Err(Error::corrupt(
                 path,
                 format!(
@@ -61,5 +70,9 @@ pub unsafe fn read_into(path: &Path, items: &[ReadItem], threads: usize, digest:
         Ok(())
     })
     .map_err(|e| Error::io("read", path, e))?;
-    Ok(if digests.wanted() { digests.finish() } else { Vec::new() })
+    Ok(if digests.wanted() {
+        digests.finish()
+    } else {
+        Vec::new()
+    })
 }

@@ -52,10 +52,8 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name();
         match writer_pid(&name) {
-            Some(pid) if !process_is_alive(pid) => {
-                if std::fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
-                }
+            Some(pid) if !process_is_alive(pid) && std::fs::remove_file(entry.path()).is_ok() => {
+                removed += 1;
             }
             _ => {}
         }
@@ -71,7 +69,10 @@ mod tests {
     fn names_are_recognised() {
         let p = temp_path_for(Path::new("/x/ckpt.weights.h5"));
         let name = p.file_name().unwrap();
-        assert!(name.to_str().unwrap().starts_with(".ckpt.weights.h5.fastckpt-"));
+        assert!(name
+            .to_str()
+            .unwrap()
+            .starts_with(".ckpt.weights.h5.fastckpt-"));
         assert_eq!(writer_pid(name), Some(std::process::id() as i32));
         assert!(!is_temp_name(OsStr::new("ckpt.weights.h5")));
         assert!(!is_temp_name(OsStr::new(".a.fastckpt-12-x.tmp")));
