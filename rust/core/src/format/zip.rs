@@ -9,9 +9,9 @@
 //!
 //! Layout: `[local header, data]` per member in the order given, then the central directory,
 //! then the zip64 end record and locator when needed, then the end record. Each embedded
-//! file's data starts at a multiple of [`ZipOptions::align`] (padding goes into an extra field
-//! of its local header, as Android's zipalign does), so offsets aligned inside the HDF5 file
-//! stay aligned in the zip.
+//! file's data starts at a multiple of [`ZipOptions::align`] (the padding is an extra field of
+//! its local header, id 0xd935 as Android's apksigner writes it; readers skip it), so offsets
+//! aligned inside the HDF5 file stay aligned in the zip.
 
 mod member_crc;
 mod records;

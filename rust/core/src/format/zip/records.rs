@@ -37,7 +37,7 @@ const EXTERNAL_ATTR: u32 = 0o600 << 16;
 /// General purpose flag bit 11: the name is UTF-8.
 pub(super) const FLAG_UTF8: u16 = 1 << 11;
 const ZIP64_EXTRA_ID: u16 = 0x0001;
-/// The extra field Android's zipalign/apksigner pad with: a u16 alignment, then zeros.
+/// The extra field Android's apksigner pads with: a u16 alignment, then zeros.
 pub(super) const ALIGN_EXTRA_ID: u16 = 0xd935;
 /// Header and alignment value: the smallest alignment extra field.
 pub(super) const ALIGN_EXTRA_MIN: u64 = 6;
