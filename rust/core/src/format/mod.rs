@@ -2,3 +2,4 @@
 //! it natively, parses and validates what a file claims before anything trusts it.
 
 pub mod safetensors;
+pub mod zip;
