@@ -34,7 +34,7 @@ class Entry:
         return f"{self.group}/{self.key}"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class SavePlan:
     """What a save writes, in Keras's order.
 

@@ -161,10 +161,17 @@ def save(
     format_for(path)
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    arrays = snapshot(plan)
+    snap = snapshot(plan)
     job = start_write(
-        model, path, plan, arrays, weights_only=weights_only, threads=threads, background=background
+        model,
+        path,
+        plan,
+        snap.arrays,
+        weights_only=weights_only,
+        threads=threads,
+        background=background,
     )
+    snap.lend_to(job)
     handle = SaveJob(job, path, started)
     return handle if background else handle.result()
 
