@@ -61,8 +61,12 @@ def test_load_builds_an_unbuilt_optimizer(tmp_path, trained_model):
     path = tmp_path / "m.safetensors"
     fastckpt.save(trained_model, path)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
-         keras.layers.Dense(2, name="head")]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2, name="head"),
+        ]
     )
     model.compile(optimizer="adam", loss="mse")
     assert not model.optimizer.built
@@ -100,11 +104,18 @@ def test_shape_mismatch_names_the_variable(tmp_path, trained_model):
     path = tmp_path / "m.safetensors"
     fastckpt.save(trained_model, path, include_optimizer=False)
     other = keras.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(3), keras.layers.BatchNormalization(),
-         keras.layers.Dense(2, name="head")]
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2, name="head"),
+        ]
     )
-    with pytest.raises(CheckpointContentError, match=r"layers/dense/vars/0: the file holds "
-                       r"float32 \(4, 3\), the model has float32 \(5, 3\)"):
+    with pytest.raises(
+        CheckpointContentError,
+        match=r"layers/dense/vars/0: the file holds "
+        r"float32 \(4, 3\), the model has float32 \(5, 3\)",
+    ):
         fastckpt.load(other, path)
 
 
@@ -122,7 +133,9 @@ def test_missing_and_extra_variables_are_listed(tmp_path):
     b = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
     path = tmp_path / "m.safetensors"
     fastckpt.save(a, path)
-    with pytest.raises(CheckpointContentError, match="not in the model 2 variables: layers/dense_1"):
+    with pytest.raises(
+        CheckpointContentError, match="not in the model 2 variables: layers/dense_1"
+    ):
         fastckpt.load(b, path)
 
 

@@ -34,7 +34,9 @@ DTYPES = [
 
 def random_array(rng: np.random.Generator, dtype, shape) -> np.ndarray:
     dtype = np.dtype(dtype)
-    raw = rng.integers(0, 256, size=int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=np.uint8)
+    raw = rng.integers(
+        0, 256, size=int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, dtype=np.uint8
+    )
     arr = raw.view(dtype).reshape(shape) if raw.size else np.empty(shape, dtype)
     if dtype == np.bool_:
         arr = (raw.reshape(shape) & 1).astype(np.bool_) if raw.size else arr
@@ -85,7 +87,9 @@ def _read_raw(path) -> dict[str, np.ndarray]:
             continue
         begin, end = info["data_offsets"]
         assert info["dtype"] == "BF16"
-        out[name] = np.frombuffer(data[8 + n + begin : 8 + n + end], np.uint16).reshape(info["shape"])
+        out[name] = np.frombuffer(data[8 + n + begin : 8 + n + end], np.uint16).reshape(
+            info["shape"]
+        )
     return out
 
 
@@ -112,7 +116,10 @@ def test_random_tensor_sets_round_trip(tmp_path_factory, specs, threads):
 
 def test_ten_thousand_tensors(tmp_path):
     rng = np.random.default_rng(2)
-    tensors = [(f"layers/l{i}/vars/0", rng.normal(size=(i % 7 + 1,)).astype("float32")) for i in range(10_000)]
+    tensors = [
+        (f"layers/l{i}/vars/0", rng.normal(size=(i % 7 + 1,)).astype("float32"))
+        for i in range(10_000)
+    ]
     path = tmp_path / "many.safetensors"
     result = write(path, tensors, {"k": "v"}, threads=2)
     loaded = load_file(str(path))

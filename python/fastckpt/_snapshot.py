@@ -179,4 +179,3 @@ def snapshotter_for(plan: SavePlan) -> Snapshotter:
 def snapshot(plan: SavePlan) -> Snapshot:
     """Host arrays of every value in the plan, in plan order."""
     return snapshotter_for(plan).take()
-

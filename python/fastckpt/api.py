@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import time
+import warnings
 from typing import Any
 
 import keras
@@ -13,7 +14,7 @@ import numpy as np
 from keras.src import backend
 from keras.src.saving import saving_lib
 
-from fastckpt import _fastckpt, _readers
+from fastckpt import _fastckpt, _layouts, _readers
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import format_for
 from fastckpt._snapshot import snapshot
@@ -124,7 +125,21 @@ def start_write(
         return _fastckpt.write_safetensors(
             path, tensors, meta, threads=threads, background=background
         )
-    raise ValueError(f"fastckpt does not write {fmt} files yet. Received: path={path!r}")
+    if fmt == "weights_h5":
+        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
+        nodes = _layouts.weights_h5_nodes(plan, arrays)
+        return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
+    if fmt == "keras":
+        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
+        nodes = _layouts.weights_h5_nodes(plan, arrays)
+        before, after = _layouts.keras_zip_members(model)
+        return _fastckpt.write_keras(
+            path, tensors, nodes, before, after, threads=threads, background=background
+        )
+    # Legacy full-model .h5: Keras's own legacy saver lays out the tree (and reads the
+    # values); fastckpt writes it in parallel, atomically and durably.
+    nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
+    return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
 
 
 def save(
@@ -196,11 +211,29 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
     `CheckpointContentError` naming the variable's path, before anything is assigned.
     """
     path = os.fspath(path)
+    if format_for(path) == "legacy_h5":
+        _load_legacy_h5(model, path)
+        return
     checkpoint = _readers.open_checkpoint(path)
-    _build_optimizer_if_needed(model, set(checkpoint.tensors))
+    names = set(checkpoint.tensors)
+    _build_optimizer_if_needed(model, names)
     plan = plan_for(model, include_optimizer=True)
-    if not any(n.startswith("optimizer/") for n in checkpoint.tensors):
+    in_file = sorted(n for n in names if n.startswith("optimizer/"))
+    in_model = sorted(e.path for e in plan.entries if e.path.startswith("optimizer/"))
+    if in_file != in_model:
+        if in_file and in_model:
+            # What Keras's own loading does when the optimizers differ (a different class,
+            # or Keras 3.15's compile_config losing a string optimizer): keep the model's
+            # optimizer state and say so.
+            warnings.warn(
+                f"Skipping the optimizer state in {path}: the model's optimizer has "
+                f"{len(in_model)} variables, the file's has {len(in_file)}",
+                stacklevel=2,
+            )
         plan = plan_for(model, include_optimizer=False)
+        checkpoint.tensors = {
+            n: t for n, t in checkpoint.tensors.items() if not n.startswith("optimizer/")
+        }
     wanted = {e.path: e for e in plan.entries}
     missing = [p for p in wanted if p not in checkpoint.tensors]
     unexpected = [p for p in checkpoint.tensors if p not in wanted]
@@ -223,7 +256,11 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
             raise CheckpointContentError(
                 f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
                 f"{_describe(*have)}"
-                + (f" (variable {entry.source.path})" if isinstance(entry.source, keras.Variable) else "")
+                + (
+                    f" (variable {entry.source.path})"
+                    if isinstance(entry.source, keras.Variable)
+                    else ""
+                )
             )
     values = checkpoint.read(list(wanted), threads=threads)
     if plan.dynamic:
@@ -265,7 +302,11 @@ class _ServingStore(saving_lib.H5IOStore):
 
     def keys(self):
         prefix = f"{self._group}/"
-        return [k[len(prefix) :] for k in self._values if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+        return [
+            k[len(prefix) :]
+            for k in self._values
+            if k.startswith(prefix) and "/" not in k[len(prefix) :]
+        ]
 
     def __len__(self):
         return len(self.keys())
@@ -297,12 +338,36 @@ def _load_through_keras(model: keras.Model, plan: SavePlan, values: dict[str, np
         saving_lib._raise_loading_failure(errors)
 
 
-def load_model(path: str | os.PathLike, *, compile: bool = True, safe_mode: bool = True, threads: int | None = None) -> keras.Model:
+def _load_legacy_h5(model: keras.Model, path: str) -> None:
+    """The tf.keras 2.x full-model layout, loaded the way Keras loads it (layer by layer,
+    by order), plus the optimizer state when both the file and the model have one."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "r") as f:
+        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+        optimizer = getattr(model, "optimizer", None)
+        if "optimizer_weights" in f and optimizer is not None:
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            optimizer.set_weights(legacy_h5_format.load_optimizer_weights_from_hdf5_group(f))
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    compile: bool = True,
+    safe_mode: bool = True,
+    threads: int | None = None,
+) -> keras.Model:
     """Rebuilds a model from a checkpoint that carries its config, then loads its state.
 
-    Works for `.safetensors` files saved with the config (the default of `fastckpt.save`).
+    Works for `.keras` files and `.safetensors` files saved with the config (the default
+    of `fastckpt.save`); legacy `.h5` files are handed to `keras.saving.load_model`.
     """
     path = os.fspath(path)
+    if format_for(path) == "legacy_h5":
+        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     checkpoint = _readers.open_checkpoint(path)
     config = checkpoint.model_config
     if config is None:

@@ -58,7 +58,11 @@ impl PyJob {
         self.wait(py, None)?;
         match self.inner.outcome().expect("finished job has an outcome") {
             Ok(r) => {
-                let paths = r.paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+                let paths = r
+                    .paths
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
                 Ok((paths, r.bytes, r.seconds))
             }
             Err(e) => Err(to_py_err(py, &e)),
