@@ -67,7 +67,7 @@ class Checkpoint:
             items.append((info.offset, arr))
             direct.append(name)
         sums = _fastckpt.read_into(self.path, items, threads=threads, crc32c=True)
-        for name, got in zip(direct, sums):
+        for name, got in zip(direct, sums, strict=True):
             want = self.tensors[name].crc32c
             if want is not None and want != got:
                 raise CheckpointContentError(

@@ -16,7 +16,7 @@ from keras.src.saving import saving_lib
 
 from fastckpt import _fastckpt, _layouts, _readers
 from fastckpt._errors import CheckpointContentError
-from fastckpt._formats import format_for
+from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
@@ -116,30 +116,28 @@ def start_write(
     weights_only: bool,
     threads: int | None,
     background: bool,
+    format: str | None = None,
 ) -> _fastckpt.Job:
     """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
-    fmt = format_for(path)
+    fmt = format or format_for(path)
+    if fmt == "legacy_h5":
+        # Keras's own legacy saver lays out the tree (and reads the values itself);
+        # fastckpt writes it in parallel, atomically and durably.
+        nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
+        return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+    tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
     if fmt == "safetensors":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
         meta = _keras_metadata(model, weights_only)
         return _fastckpt.write_safetensors(
             path, tensors, meta, threads=threads, background=background
         )
+    nodes = _layouts.weights_h5_nodes(plan, arrays)
     if fmt == "weights_h5":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
-        nodes = _layouts.weights_h5_nodes(plan, arrays)
         return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
-    if fmt == "keras":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
-        nodes = _layouts.weights_h5_nodes(plan, arrays)
-        before, after = _layouts.keras_zip_members(model)
-        return _fastckpt.write_keras(
-            path, tensors, nodes, before, after, threads=threads, background=background
-        )
-    # Legacy full-model .h5: Keras's own legacy saver lays out the tree (and reads the
-    # values); fastckpt writes it in parallel, atomically and durably.
-    nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
-    return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+    before, after = _layouts.keras_zip_members(model)
+    return _fastckpt.write_keras(
+        path, tensors, nodes, before, after, threads=threads, background=background
+    )
 
 
 def save(
@@ -151,6 +149,7 @@ def save(
     background: bool = False,
     threads: int | None = None,
     weights_only: bool = False,
+    format: str | None = None,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
@@ -167,13 +166,21 @@ def save(
         background: return a `SaveJob` as soon as the snapshot is taken.
         threads: writer threads (default: one per core, at most 8).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
+        format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
+            `"legacy_h5"`, `"safetensors"`), e.g. Keras's quirk of writing a legacy full
+            model to `x.weights.h5` when `ModelCheckpoint(save_weights_only=False)`.
 
     Returns:
         A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
     """
     started = time.perf_counter()
     path = os.fspath(path)
-    format_for(path)
+    if format is None:
+        format_for(path)
+    elif format not in SUFFIXES.values():
+        raise ValueError(
+            f"Unknown format {format!r}; expected one of {sorted(set(SUFFIXES.values()))}"
+        )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
     snap = snapshot(plan)
@@ -185,6 +192,7 @@ def save(
         weights_only=weights_only,
         threads=threads,
         background=background,
+        format=format,
     )
     snap.lend_to(job)
     handle = SaveJob(job, path, started)
@@ -286,7 +294,7 @@ class _ServingStore(saving_lib.H5IOStore):
     """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
     load their state themselves (custom `load_own_variables`)."""
 
-    def __init__(self, values: dict[str, np.ndarray]) -> None:  # noqa: D107
+    def __init__(self, values: dict[str, np.ndarray]) -> None:
         self._values = values
         self._group = "vars"
 
