@@ -14,7 +14,7 @@ import numpy as np
 from keras.src import backend
 from keras.src.saving import saving_lib
 
-from fastckpt import _fastckpt, _layouts, _readers
+from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._snapshot import snapshot
@@ -47,7 +47,7 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(self, job: _fastckpt.Job, path: str, started: float) -> None:
+    def __init__(self, job: _fastckpt.Job | _sharding.ShardedJob, path: str, started: float):
         self._job = job
         self.path = path
         self._started = started
@@ -117,9 +117,24 @@ def start_write(
     threads: int | None,
     background: bool,
     format: str | None = None,
-) -> _fastckpt.Job:
+    max_shard_size: float | None = None,
+) -> _fastckpt.Job | _sharding.ShardedJob:
     """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
     fmt = format or format_for(path)
+    if fmt == "weights_sharded":
+        if max_shard_size is None:
+            raise ValueError(
+                "Saving sharded weights (a `.weights.json` index) needs `max_shard_size` "
+                f"(in GB). Received: path={path!r}"
+            )
+        return _sharding.start_sharded_write(
+            plan, arrays, path, max_shard_size, threads=threads, background=background
+        )
+    if max_shard_size is not None:
+        raise ValueError(
+            "`max_shard_size` needs a path ending in `.weights.json` (the shards' index). "
+            f"Received: path={path!r}"
+        )
     if fmt == "legacy_h5":
         # Keras's own legacy saver lays out the tree (and reads the values itself);
         # fastckpt writes it in parallel, atomically and durably.
@@ -150,6 +165,7 @@ def save(
     threads: int | None = None,
     weights_only: bool = False,
     format: str | None = None,
+    max_shard_size: float | None = None,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
@@ -166,6 +182,9 @@ def save(
         background: return a `SaveJob` as soon as the snapshot is taken.
         threads: writer threads (default: one per core, at most 8).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
+        max_shard_size: for a `.weights.json` path, split the weights into
+            `<stem>_00000.weights.h5`, ... shards of at most this many GB, exactly as
+            Keras's `save_weights(..., max_shard_size=...)` does, and write the index.
         format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
             `"legacy_h5"`, `"safetensors"`), e.g. Keras's quirk of writing a legacy full
             model to `x.weights.h5` when `ModelCheckpoint(save_weights_only=False)`.
@@ -193,6 +212,7 @@ def save(
         threads=threads,
         background=background,
         format=format,
+        max_shard_size=max_shard_size,
     )
     snap.lend_to(job)
     handle = SaveJob(job, path, started)
