@@ -121,7 +121,7 @@ CASES = {
 @pytest.fixture(params=list(CASES), scope="module")
 def case(request):
     builder, policy = CASES[request.param]
-    return request.param, make(builder, 1, policy), lambda: make(builder, 2, policy)
+    return make(builder, 1, policy), lambda: make(builder, 2, policy)
 
 
 def saved_variables(model):
@@ -151,7 +151,7 @@ def h5diff(a, b):
 
 
 def test_weights_h5_matches_keras(tmp_path, case):
-    name, model, twin = case
+    model, twin = case
     ours, theirs = tmp_path / "ours.weights.h5", tmp_path / "keras.weights.h5"
     fastckpt.save(model, ours)
     model.save_weights(theirs)
@@ -180,7 +180,7 @@ def keras_outcome(load):
 def assert_keras_treats_both_alike(load, ours, theirs, model):
     """Stock Keras must load our file exactly as it loads its own file of the same model:
     to the same weights, or with the same error where it cannot load its own either."""
-    (got, err), (want, want_err) = (
+    (got, err), (_, want_err) = (
         keras_outcome(lambda: load(ours)),
         keras_outcome(lambda: load(theirs)),
     )
@@ -192,7 +192,7 @@ def assert_keras_treats_both_alike(load, ours, theirs, model):
 
 
 def test_keras_zip_loads_in_keras(tmp_path, case):
-    name, model, _ = case
+    model, _ = case
     path, keras_path = tmp_path / "m.keras", tmp_path / "k.keras"
     fastckpt.save(model, path)
     with zipfile.ZipFile(path) as zf:
@@ -211,7 +211,7 @@ def test_keras_zip_loads_in_keras(tmp_path, case):
 
 
 def test_legacy_h5_loads_in_keras(tmp_path, case):
-    name, model, _ = case
+    model, _ = case
     ours, theirs = tmp_path / "ours.h5", tmp_path / "keras.h5"
     fastckpt.save(model, ours)
     with warnings.catch_warnings():  # Keras's own legacy saver trips numpy deprecations
