@@ -175,12 +175,14 @@ class ManyWeights(keras.layers.Layer):
         return x
 
 
-def test_a_model_with_ten_thousand_variables(tmp_path):
-    model = keras.Sequential([keras.Input((1,)), ManyWeights(10_000)])
+def test_a_model_with_thousands_of_variables(tmp_path):
+    # Keras's add_weight costs ~2 ms a variable, so the model-level check uses 2,000;
+    # test_native.py round-trips 10,000 tensors through the writer itself.
+    model = keras.Sequential([keras.Input((1,)), ManyWeights(2_000)])
     path = tmp_path / "big.safetensors"
     fastckpt.save(model, path, threads=2)
     with safe_open(str(path), framework="numpy") as f:
-        assert len(f.keys()) == 10_000
+        assert len(f.keys()) == 2_000
     keras_path = tmp_path / "big.weights.h5"
     model.save_weights(keras_path)  # Keras's own file is the oracle for names and values
     for v in model.variables[:50]:
@@ -190,7 +192,7 @@ def test_a_model_with_ten_thousand_variables(tmp_path):
         names = []
         f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
         assert sorted(names) == sorted(g.keys())
-        for name in names[::500]:
+        for name in names[::100]:
             assert np.array_equal(f[name][()], g.get_tensor(name))
     with h5py.File(keras_path) as f:
         for i, v in enumerate(model.variables[:50]):
@@ -200,7 +202,7 @@ def test_a_model_with_ten_thousand_variables(tmp_path):
 @pytest.mark.parametrize(
     ("target", "error", "words"),
     [
-        ("model.ckpt", ValueError, "must end in one of .weights.h5, .safetensors, .keras, .h5"),
+        ("model.ckpt", ValueError, "must end in one of .weights.h5, .weights.json, .safetensors"),
         ("gs://bucket/m.safetensors", ValueError, "local files only"),
     ],
 )

@@ -17,6 +17,7 @@ from keras.src.saving import saving_lib
 from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import SUFFIXES, format_for
+from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
@@ -294,8 +295,7 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
     if plan.dynamic:
         _load_through_keras(model, plan, values)
     else:
-        for name, entry in wanted.items():
-            entry.source.assign(values[name])
+        assign_all(list(wanted.values()), [values[name] for name in wanted])
 
 
 def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
