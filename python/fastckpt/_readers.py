@@ -55,7 +55,7 @@ class Checkpoint:
             out[name] = arr
             items.append((info.offset, arr))
         sums = _fastckpt.read_into(self.path, items, threads=threads, crc32c=True)
-        for name, got in zip(names, sums):
+        for name, got in zip(names, sums, strict=True):
             want = self.tensors[name].crc32c
             if want is not None and want != got:
                 raise CheckpointContentError(

@@ -53,7 +53,8 @@ class _CollectingStore(saving_lib.H5IOStore):
     """Stands where Keras expects an `H5IOStore` (it checks the type since 3.10) and
     records what would be written instead of writing it."""
 
-    def __init__(self) -> None:  # noqa: D107 - deliberately skips H5IOStore.__init__
+    def __init__(self) -> None:
+        # Deliberately skips H5IOStore.__init__: there is no file.
         self.groups: list[tuple[str, dict[str, str]]] = []
         self.entries: list[Entry] = []
         self._group = ""

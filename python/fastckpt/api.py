@@ -119,7 +119,7 @@ def start_write(
     """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
     fmt = format_for(path)
     if fmt == "safetensors":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
+        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
         meta = _keras_metadata(model, weights_only)
         return _fastckpt.write_safetensors(
             path, tensors, meta, threads=threads, background=background
@@ -216,7 +216,11 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
             raise CheckpointContentError(
                 f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
                 f"{_describe(*have)}"
-                + (f" (variable {entry.source.path})" if isinstance(entry.source, keras.Variable) else "")
+                + (
+                    f" (variable {entry.source.path})"
+                    if isinstance(entry.source, keras.Variable)
+                    else ""
+                )
             )
     values = checkpoint.read(list(wanted), threads=threads)
     if plan.dynamic:
@@ -242,7 +246,7 @@ class _ServingStore(saving_lib.H5IOStore):
     """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
     load their state themselves (custom `load_own_variables`)."""
 
-    def __init__(self, values: dict[str, np.ndarray]) -> None:  # noqa: D107
+    def __init__(self, values: dict[str, np.ndarray]) -> None:
         self._values = values
         self._group = "vars"
 
@@ -258,7 +262,11 @@ class _ServingStore(saving_lib.H5IOStore):
 
     def keys(self):
         prefix = f"{self._group}/"
-        return [k[len(prefix) :] for k in self._values if k.startswith(prefix) and "/" not in k[len(prefix) :]]
+        return [
+            k[len(prefix) :]
+            for k in self._values
+            if k.startswith(prefix) and "/" not in k[len(prefix) :]
+        ]
 
     def __len__(self):
         return len(self.keys())
@@ -290,7 +298,13 @@ def _load_through_keras(model: keras.Model, plan: SavePlan, values: dict[str, np
         saving_lib._raise_loading_failure(errors)
 
 
-def load_model(path: str | os.PathLike, *, compile: bool = True, safe_mode: bool = True, threads: int | None = None) -> keras.Model:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    compile: bool = True,
+    safe_mode: bool = True,
+    threads: int | None = None,
+) -> keras.Model:
     """Rebuilds a model from a checkpoint that carries its config, then loads its state.
 
     Works for `.safetensors` files saved with the config (the default of `fastckpt.save`).
