@@ -15,11 +15,12 @@ from keras.src.saving import saving_lib
 
 from fastckpt import _fastckpt, _readers
 from fastckpt._errors import CheckpointContentError
-from fastckpt._formats import format_for
+from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
 FORMAT_VERSION = "1"
+FORMATS = frozenset(SUFFIXES.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +47,15 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(self, job: _fastckpt.Job, path: str, started: float) -> None:
+    def __init__(
+        self, job: _fastckpt.Job, path: str, started: float, handed_off: float | None = None
+    ) -> None:
         self._job = job
         self.path = path
         self._started = started
+        # Walk + snapshot time; the writer reports its own duration, so a result collected
+        # late does not count the time nobody was waiting.
+        self._before_write = (started if handed_off is None else handed_off) - started
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the save ends or `timeout` seconds pass; returns whether it ended."""
@@ -67,9 +73,9 @@ class SaveJob:
         """
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        paths, nbytes, _ = self._job.result()
+        paths, nbytes, write_seconds = self._job.result()
         paths = tuple(os.fspath(p) for p in paths)
-        seconds = time.perf_counter() - self._started
+        seconds = self._before_write + write_seconds
         return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -81,6 +87,15 @@ class SaveJob:
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
         return f"<fastckpt.SaveJob {state} path={self.path!r}>"
+
+
+def _check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise ValueError(
+            f"Unknown checkpoint format: expected one of {', '.join(sorted(FORMATS))}. "
+            f"Received: format={format!r}"
+        )
+    return format
 
 
 def _check_path(path: str, overwrite: bool) -> None:
@@ -115,9 +130,11 @@ def start_write(
     weights_only: bool,
     threads: int | None,
     background: bool,
+    format: str | None = None,
 ) -> _fastckpt.Job:
-    """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
-    fmt = format_for(path)
+    """Hands a snapshot to the native writer for `path`'s format, or for `format` when
+    given (stages 3-6)."""
+    fmt = format_for(path) if format is None else _check_format(format)
     if fmt == "safetensors":
         tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
         meta = _keras_metadata(model, weights_only)
@@ -136,13 +153,14 @@ def save(
     background: bool = False,
     threads: int | None = None,
     weights_only: bool = False,
+    format: str | None = None,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
     The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
-    model) or `.safetensors`. The file is written beside the target under a temp name,
-    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
-    previous file untouched.
+    model) or `.safetensors`, unless `format` names one. The file is written beside the
+    target under a temp name, fdatasync'd, renamed over the target and the folder fsync'd:
+    a failed save leaves the previous file untouched.
 
     Args:
         model: a built Keras model.
@@ -152,20 +170,34 @@ def save(
         background: return a `SaveJob` as soon as the snapshot is taken.
         threads: writer threads (default: one per core, at most 8).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
+        format: overrides the suffix: one of `"weights_h5"`, `"keras"`, `"legacy_h5"`,
+            `"safetensors"`. `keras.callbacks.ModelCheckpoint` needs it: it writes a legacy
+            full-model h5 to `x.weights.h5` when `save_weights_only=False`.
 
     Returns:
         A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
     """
     started = time.perf_counter()
     path = os.fspath(path)
-    format_for(path)
+    if format is None:
+        format_for(path)
+    else:
+        _check_format(format)
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
     arrays = snapshot(plan)
+    handed_off = time.perf_counter()
     job = start_write(
-        model, path, plan, arrays, weights_only=weights_only, threads=threads, background=background
+        model,
+        path,
+        plan,
+        arrays,
+        weights_only=weights_only,
+        threads=threads,
+        background=background,
+        format=format,
     )
-    handle = SaveJob(job, path, started)
+    handle = SaveJob(job, path, started, handed_off)
     return handle if background else handle.result()
 
 
