@@ -249,6 +249,31 @@ def test_wait_until_finished_raises_a_failed_save_once(tmp_path, fault_injection
     assert list_files(tmp_path) == []
 
 
+@pytest.mark.parametrize("hook", ["on_train_batch_end", "on_epoch_end", "on_train_end"])
+def test_failed_background_save_raises_at_the_first_hook_after_it_ended(
+    tmp_path, fault_injection, hook
+):
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
+    ckpt.set_model(fresh_model())
+    ckpt.on_train_begin()
+    ckpt.on_epoch_begin(0)
+    _fastckpt._inject_fault("write")
+    ckpt.on_epoch_end(0, logs={"val_loss": 1.0})
+    job = ckpt._pending.handle
+    assert isinstance(job, fastckpt.SaveJob)
+    job.wait(60)
+    calls = {
+        "on_train_batch_end": lambda: ckpt.on_train_batch_end(0, logs={"loss": 1.0}),
+        "on_epoch_end": lambda: ckpt.on_epoch_end(1, logs={}),
+        "on_train_end": lambda: ckpt.on_train_end(logs={}),
+    }
+    _fastckpt._inject_fault(None)
+    with pytest.raises(OSError) as raised:
+        calls[hook]()
+    assert raised.value.errno == errno.EIO
+    assert list_files(tmp_path) == []
+
+
 def test_exception_in_training_does_not_hang_the_interpreter(tmp_path):
     """A save in flight when training dies still lands, and the process exits."""
     script = textwrap.dedent(
