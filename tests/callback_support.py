@@ -140,7 +140,13 @@ def fit_with(
         callback=callback,
         files=list_files(final),
         lines=[line for line in out.getvalue().split("\n") if line],
-        warnings=[(w.category, str(w.message).replace(str(run_dir), "<dir>")) for w in caught],
+        warnings=[
+            (w.category, str(w.message).replace(str(run_dir), "<dir>"))
+            for w in caught
+            # Deprecations are about library internals (Keras's tensor-to-numpy conversion
+            # warns once per variable saved), not about what the callback does.
+            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+        ],
         error=error,
         history=history,
     )

@@ -36,6 +36,8 @@ class Case:
     steps_per_execution: int = 1
     validation: bool = True
     epochs: int = 4
+    warns: bool = False  # Keras warns (so the case tests the warnings)
+    raises: bool = False  # Keras raises (so the case tests the exception)
 
     @property
     def ours_weights_only(self) -> bool:
@@ -84,6 +86,8 @@ def run_both(case: Case, tmp_path, *, background: bool = True):
 
 def assert_parity(case: Case, theirs, ours, *, background: bool = True) -> None:
     m = case.to_ours
+    assert bool(theirs.warnings) == case.warns, theirs.warnings
+    assert (theirs.error is not None) == case.raises, theirs.error
     expected_error = theirs.error and (theirs.error[0], m(theirs.error[1]))
     assert ours.error == expected_error
     # Same training: anything else would make the rest meaningless.
@@ -147,12 +151,14 @@ CASES = [
         "unknown_mode_warns_and_uses_auto",
         "{epoch}.safetensors",
         dict(mode="sideways", save_best_only=True, verbose=1),
+        warns=True,
     ),
     Case(
         "monitor_missing_warns_and_saves",
         "{epoch}.safetensors",
         dict(save_best_only=True, verbose=1),
         validation=False,
+        warns=True,
     ),
     Case(
         "monitor_missing_acc_like",
@@ -160,6 +166,7 @@ CASES = [
         dict(monitor="val_accuracy", save_best_only=True, verbose=1),
         validation=False,
         epochs=2,
+        warns=True,
     ),
     Case(
         "save_freq_int",
@@ -194,18 +201,26 @@ CASES = [
         epochs=2,
     ),
     # Errors at fit time: the same exception, type and text.
-    Case("format_key_missing", "{epoch}-{nope}.safetensors", dict(verbose=1), epochs=1),
+    Case(
+        "format_key_missing",
+        "{epoch}-{nope}.safetensors",
+        dict(verbose=1),
+        epochs=1,
+        raises=True,
+    ),
     Case(
         "auto_mode_cannot_infer",
         "{epoch}.safetensors",
         dict(monitor="val_mystery", verbose=1),
         epochs=1,
+        raises=True,
     ),
     Case(
         "auto_mode_cannot_infer_even_without_save_best_only",
         "{epoch}.safetensors",
         dict(monitor="mystery", save_best_only=False),
         epochs=1,
+        raises=True,
     ),
 ]
 
