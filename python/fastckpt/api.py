@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import os
 import time
+import warnings
 from typing import Any
 
 import keras
@@ -13,14 +14,13 @@ import numpy as np
 from keras.src import backend
 from keras.src.saving import saving_lib
 
-from fastckpt import _fastckpt, _readers
+from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
 FORMAT_VERSION = "1"
-FORMATS = frozenset(SUFFIXES.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +47,10 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(
-        self, job: _fastckpt.Job, path: str, started: float, handed_off: float | None = None
-    ) -> None:
+    def __init__(self, job: _fastckpt.Job | _sharding.ShardedJob, path: str, started: float):
         self._job = job
         self.path = path
         self._started = started
-        # Walk + snapshot time; the writer reports its own duration, so a result collected
-        # late does not count the time nobody was waiting.
-        self._before_write = (started if handed_off is None else handed_off) - started
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the save ends or `timeout` seconds pass; returns whether it ended."""
@@ -73,9 +68,9 @@ class SaveJob:
         """
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        paths, nbytes, write_seconds = self._job.result()
+        paths, nbytes, _ = self._job.result()
         paths = tuple(os.fspath(p) for p in paths)
-        seconds = self._before_write + write_seconds
+        seconds = time.perf_counter() - self._started
         return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -87,15 +82,6 @@ class SaveJob:
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
         return f"<fastckpt.SaveJob {state} path={self.path!r}>"
-
-
-def _check_format(format: str) -> str:
-    if format not in FORMATS:
-        raise ValueError(
-            f"Unknown checkpoint format: expected one of {', '.join(sorted(FORMATS))}. "
-            f"Received: format={format!r}"
-        )
-    return format
 
 
 def _check_path(path: str, overwrite: bool) -> None:
@@ -131,17 +117,42 @@ def start_write(
     threads: int | None,
     background: bool,
     format: str | None = None,
-) -> _fastckpt.Job:
-    """Hands a snapshot to the native writer for `path`'s format, or for `format` when
-    given (stages 3-6)."""
-    fmt = format_for(path) if format is None else _check_format(format)
+    max_shard_size: float | None = None,
+) -> _fastckpt.Job | _sharding.ShardedJob:
+    """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
+    fmt = format or format_for(path)
+    if fmt == "weights_sharded":
+        if max_shard_size is None:
+            raise ValueError(
+                "Saving sharded weights (a `.weights.json` index) needs `max_shard_size` "
+                f"(in GB). Received: path={path!r}"
+            )
+        return _sharding.start_sharded_write(
+            plan, arrays, path, max_shard_size, threads=threads, background=background
+        )
+    if max_shard_size is not None:
+        raise ValueError(
+            "`max_shard_size` needs a path ending in `.weights.json` (the shards' index). "
+            f"Received: path={path!r}"
+        )
+    if fmt == "legacy_h5":
+        # Keras's own legacy saver lays out the tree (and reads the values itself);
+        # fastckpt writes it in parallel, atomically and durably.
+        nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
+        return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+    tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
     if fmt == "safetensors":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
         meta = _keras_metadata(model, weights_only)
         return _fastckpt.write_safetensors(
             path, tensors, meta, threads=threads, background=background
         )
-    raise ValueError(f"fastckpt does not write {fmt} files yet. Received: path={path!r}")
+    nodes = _layouts.weights_h5_nodes(plan, arrays)
+    if fmt == "weights_h5":
+        return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
+    before, after = _layouts.keras_zip_members(model)
+    return _fastckpt.write_keras(
+        path, tensors, nodes, before, after, threads=threads, background=background
+    )
 
 
 def save(
@@ -154,13 +165,14 @@ def save(
     threads: int | None = None,
     weights_only: bool = False,
     format: str | None = None,
+    max_shard_size: float | None = None,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
     The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
-    model) or `.safetensors`, unless `format` names one. The file is written beside the
-    target under a temp name, fdatasync'd, renamed over the target and the folder fsync'd:
-    a failed save leaves the previous file untouched.
+    model) or `.safetensors`. The file is written beside the target under a temp name,
+    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
+    previous file untouched.
 
     Args:
         model: a built Keras model.
@@ -170,9 +182,12 @@ def save(
         background: return a `SaveJob` as soon as the snapshot is taken.
         threads: writer threads (default: one per core, at most 8).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
-        format: overrides the suffix: one of `"weights_h5"`, `"keras"`, `"legacy_h5"`,
-            `"safetensors"`. `keras.callbacks.ModelCheckpoint` needs it: it writes a legacy
-            full-model h5 to `x.weights.h5` when `save_weights_only=False`.
+        max_shard_size: for a `.weights.json` path, split the weights into
+            `<stem>_00000.weights.h5`, ... shards of at most this many GB, exactly as
+            Keras's `save_weights(..., max_shard_size=...)` does, and write the index.
+        format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
+            `"legacy_h5"`, `"safetensors"`), e.g. Keras's quirk of writing a legacy full
+            model to `x.weights.h5` when `ModelCheckpoint(save_weights_only=False)`.
 
     Returns:
         A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
@@ -181,23 +196,26 @@ def save(
     path = os.fspath(path)
     if format is None:
         format_for(path)
-    else:
-        _check_format(format)
+    elif format not in SUFFIXES.values():
+        raise ValueError(
+            f"Unknown format {format!r}; expected one of {sorted(set(SUFFIXES.values()))}"
+        )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    arrays = snapshot(plan)
-    handed_off = time.perf_counter()
+    snap = snapshot(plan)
     job = start_write(
         model,
         path,
         plan,
-        arrays,
+        snap.arrays,
         weights_only=weights_only,
         threads=threads,
         background=background,
         format=format,
+        max_shard_size=max_shard_size,
     )
-    handle = SaveJob(job, path, started, handed_off)
+    snap.lend_to(job)
+    handle = SaveJob(job, path, started)
     return handle if background else handle.result()
 
 
@@ -221,11 +239,29 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
     `CheckpointContentError` naming the variable's path, before anything is assigned.
     """
     path = os.fspath(path)
+    if format_for(path) == "legacy_h5":
+        _load_legacy_h5(model, path)
+        return
     checkpoint = _readers.open_checkpoint(path)
-    _build_optimizer_if_needed(model, set(checkpoint.tensors))
+    names = set(checkpoint.tensors)
+    _build_optimizer_if_needed(model, names)
     plan = plan_for(model, include_optimizer=True)
-    if not any(n.startswith("optimizer/") for n in checkpoint.tensors):
+    in_file = sorted(n for n in names if n.startswith("optimizer/"))
+    in_model = sorted(e.path for e in plan.entries if e.path.startswith("optimizer/"))
+    if in_file != in_model:
+        if in_file and in_model:
+            # What Keras's own loading does when the optimizers differ (a different class,
+            # or Keras 3.15's compile_config losing a string optimizer): keep the model's
+            # optimizer state and say so.
+            warnings.warn(
+                f"Skipping the optimizer state in {path}: the model's optimizer has "
+                f"{len(in_model)} variables, the file's has {len(in_file)}",
+                stacklevel=2,
+            )
         plan = plan_for(model, include_optimizer=False)
+        checkpoint.tensors = {
+            n: t for n, t in checkpoint.tensors.items() if not n.startswith("optimizer/")
+        }
     wanted = {e.path: e for e in plan.entries}
     missing = [p for p in wanted if p not in checkpoint.tensors]
     unexpected = [p for p in checkpoint.tensors if p not in wanted]
@@ -330,6 +366,21 @@ def _load_through_keras(model: keras.Model, plan: SavePlan, values: dict[str, np
         saving_lib._raise_loading_failure(errors)
 
 
+def _load_legacy_h5(model: keras.Model, path: str) -> None:
+    """The tf.keras 2.x full-model layout, loaded the way Keras loads it (layer by layer,
+    by order), plus the optimizer state when both the file and the model have one."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "r") as f:
+        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+        optimizer = getattr(model, "optimizer", None)
+        if "optimizer_weights" in f and optimizer is not None:
+            if not optimizer.built:
+                optimizer.build(model.trainable_variables)
+            optimizer.set_weights(legacy_h5_format.load_optimizer_weights_from_hdf5_group(f))
+
+
 def load_model(
     path: str | os.PathLike,
     *,
@@ -339,9 +390,12 @@ def load_model(
 ) -> keras.Model:
     """Rebuilds a model from a checkpoint that carries its config, then loads its state.
 
-    Works for `.safetensors` files saved with the config (the default of `fastckpt.save`).
+    Works for `.keras` files and `.safetensors` files saved with the config (the default
+    of `fastckpt.save`); legacy `.h5` files are handed to `keras.saving.load_model`.
     """
     path = os.fspath(path)
+    if format_for(path) == "legacy_h5":
+        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     checkpoint = _readers.open_checkpoint(path)
     config = checkpoint.model_config
     if config is None:

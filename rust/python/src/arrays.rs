@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use fastckpt_core::{DType, Tensor, TensorBytes};
 use numpy::npyffi::{objects::_PyArray_GET_ITEM_DATA, NPY_ARRAY_WRITEABLE};
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -33,16 +33,37 @@ impl TensorBytes for ArrayBytes {
 
 fn dtype_of(name: &str, arr: &Bound<'_, PyUntypedArray>) -> PyResult<DType> {
     let descr = arr.dtype();
-    let dtype_name: String = descr.getattr("name")?.extract()?;
-    let byteorder: String = descr.getattr("byteorder")?.extract()?;
-    let dtype = DType::from_numpy_name(&dtype_name).ok_or_else(|| {
-        let supported: Vec<_> = DType::ALL.iter().map(|d| d.numpy_name()).collect();
-        PyTypeError::new_err(format!(
-            "cannot save {name}: dtype {dtype_name} is not supported (supported: {})",
-            supported.join(", ")
-        ))
-    })?;
-    if byteorder == ">" {
+    // Read straight from the descriptor: no attribute lookups on the common path, which
+    // matters for models with thousands of small variables.
+    let dtype = match (descr.kind(), descr.itemsize()) {
+        (b'b', 1) => Some(DType::Bool),
+        (b'u', 1) => Some(DType::U8),
+        (b'u', 2) => Some(DType::U16),
+        (b'u', 4) => Some(DType::U32),
+        (b'u', 8) => Some(DType::U64),
+        (b'i', 1) => Some(DType::I8),
+        (b'i', 2) => Some(DType::I16),
+        (b'i', 4) => Some(DType::I32),
+        (b'i', 8) => Some(DType::I64),
+        (b'f', 2) => Some(DType::F16),
+        (b'f', 4) => Some(DType::F32),
+        (b'f', 8) => Some(DType::F64),
+        // ml_dtypes' bfloat16 is a user-defined numpy type: recognise it by name.
+        (_, 2) if descr.getattr("name")?.extract::<String>()? == "bfloat16" => Some(DType::BF16),
+        _ => None,
+    };
+    let dtype = match dtype {
+        Some(d) => d,
+        None => {
+            let dtype_name: String = descr.getattr("name")?.extract()?;
+            let supported: Vec<_> = DType::ALL.iter().map(|d| d.numpy_name()).collect();
+            return Err(PyTypeError::new_err(format!(
+                "cannot save {name}: dtype {dtype_name} is not supported (supported: {})",
+                supported.join(", ")
+            )));
+        }
+    };
+    if descr.is_native_byteorder() == Some(false) {
         return Err(PyValueError::new_err(format!(
             "cannot save {name}: the array is big-endian; convert it with arr.astype(arr.dtype.newbyteorder('<'))"
         )));

@@ -54,10 +54,17 @@ impl PyJob {
     }
 
     /// Waits for the write, then returns `(paths, bytes, seconds)` or raises its error.
-    fn result(&self, py: Python<'_>) -> PyResult<(Vec<PathBuf>, u64, f64)> {
+    fn result(&self, py: Python<'_>) -> PyResult<(Vec<String>, u64, f64)> {
         self.wait(py, None)?;
         match self.inner.outcome().expect("finished job has an outcome") {
-            Ok(r) => Ok((r.paths, r.bytes, r.seconds)),
+            Ok(r) => {
+                let paths = r
+                    .paths
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                Ok((paths, r.bytes, r.seconds))
+            }
             Err(e) => Err(to_py_err(py, &e)),
         }
     }

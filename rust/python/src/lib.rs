@@ -5,13 +5,16 @@
 mod arrays;
 mod errors;
 mod job;
+mod nodes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use fastckpt_core::format::safetensors;
+use fastckpt_core::format::zip::{self, Member, ZipOptions};
+use fastckpt_core::format::{hdf5, safetensors};
 use fastckpt_core::io::{self, ReadItem, WriteOptions};
 use fastckpt_core::Digest;
+use fastckpt_core::PlannedFile;
 use numpy::PyUntypedArray;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -20,6 +23,7 @@ use pyo3::types::PyDict;
 use crate::arrays::{tensors_from_py, writable_dest};
 use crate::errors::to_py_err;
 use crate::job::PyJob;
+use crate::nodes::{nodes_from_py, PyNode};
 
 fn write_options(threads: Option<usize>) -> PyResult<WriteOptions> {
     match threads {
@@ -47,6 +51,87 @@ fn write_safetensors(
     let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(py, &e))?;
     let work = move || {
         let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
+        Ok((vec![path], bytes))
+    };
+    Ok(PyJob::start(py, work, background))
+}
+
+/// Writes an HDF5 file (`.weights.h5`, legacy `.h5`) from a tree of groups and datasets.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, nodes, *, threads=None, background=false))]
+fn write_hdf5(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    nodes: Vec<PyNode<'_>>,
+    threads: Option<usize>,
+    background: bool,
+) -> PyResult<PyJob> {
+    let tensors = tensors_from_py(tensors)?;
+    let nodes = nodes_from_py(nodes)?;
+    let opts = write_options(threads)?;
+    let layout = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
+    let work = move || {
+        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
+        Ok((vec![path], bytes))
+    };
+    Ok(PyJob::start(py, work, background))
+}
+
+/// Writes a Keras `.keras` zip in one pass: the `before` members, then `weights_name`
+/// holding the HDF5 tree (planned in place, no in-memory copy), then the `after` members.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, nodes, before, after, *, weights_name="model.weights.h5", threads=None, background=false))]
+#[allow(clippy::too_many_arguments)]
+fn write_keras(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    nodes: Vec<PyNode<'_>>,
+    before: Vec<(String, Vec<u8>)>,
+    after: Vec<(String, Vec<u8>)>,
+    weights_name: &str,
+    threads: Option<usize>,
+    background: bool,
+) -> PyResult<PyJob> {
+    let tensors = tensors_from_py(tensors)?;
+    let nodes = nodes_from_py(nodes)?;
+    let opts = write_options(threads)?;
+    let weights = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
+    let bytes_member = |(name, data): (String, Vec<u8>)| Member::Bytes { name, data };
+    let members: Vec<Member> = before
+        .into_iter()
+        .map(bytes_member)
+        .chain([Member::Planned {
+            name: weights_name.to_owned(),
+            file: weights,
+        }])
+        .chain(after.into_iter().map(bytes_member))
+        .collect();
+    let layout =
+        zip::plan(members, &tensors, &ZipOptions::default()).map_err(|e| to_py_err(py, &e))?;
+    let work = move || {
+        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
+        Ok((vec![path], bytes))
+    };
+    Ok(PyJob::start(py, work, background))
+}
+
+/// Writes `data` to `path` durably and atomically (temp file, fdatasync, rename, folder
+/// fsync): for small companion files such as a sharded checkpoint's index.
+#[pyfunction]
+#[pyo3(signature = (path, data, *, background=false))]
+fn write_bytes(py: Python<'_>, path: PathBuf, data: Vec<u8>, background: bool) -> PyResult<PyJob> {
+    let layout = PlannedFile {
+        len: data.len() as u64,
+        regions: vec![fastckpt_core::Region {
+            offset: 0,
+            bytes: data,
+        }],
+        slots: Vec::new(),
+    };
+    let work = move || {
+        let bytes = io::write_file(&path, &layout, &[], &WriteOptions { threads: 1 })?;
         Ok((vec![path], bytes))
     };
     Ok(PyJob::start(py, work, background))
@@ -168,6 +253,9 @@ fn _inject_fault(stage: Option<&str>) -> PyResult<()> {
 fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJob>()?;
     m.add_function(wrap_pyfunction!(write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(write_hdf5, m)?)?;
+    m.add_function(wrap_pyfunction!(write_keras, m)?)?;
+    m.add_function(wrap_pyfunction!(write_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_into, m)?)?;
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_stale_temps, m)?)?;

@@ -8,6 +8,7 @@ mod read;
 mod temp;
 
 pub use commit::{write_file, WriteOptions};
+pub use parallel::combine;
 pub use read::{read_into, ReadItem};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 

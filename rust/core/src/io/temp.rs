@@ -52,10 +52,8 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
     for entry in entries.flatten() {
         let name = entry.file_name();
         match writer_pid(&name) {
-            Some(pid) if !process_is_alive(pid) => {
-                if std::fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
-                }
+            Some(pid) if !process_is_alive(pid) && std::fs::remove_file(entry.path()).is_ok() => {
+                removed += 1;
             }
             _ => {}
         }

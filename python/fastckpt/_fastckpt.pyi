@@ -1,0 +1,38 @@
+"""The native module: the whole boundary between Python and the Rust core."""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_THREADS: int
+FAULT_INJECTION: bool
+DTYPES: dict[str, int]
+
+class Job:
+    def wait(self, timeout: float | None = None) -> bool: ...
+    def done(self) -> bool: ...
+    def result(self) -> tuple[list[str], int, float]: ...
+    def exception(self) -> BaseException | None: ...
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Sequence[tuple[str, np.ndarray]],
+    metadata: dict[str, str],
+    *,
+    threads: int | None = None,
+    background: bool = False,
+) -> Job: ...
+def read_into(
+    path: str | os.PathLike[str],
+    items: Sequence[tuple[int, np.ndarray]],
+    *,
+    threads: int | None = None,
+    crc32c: bool = False,
+) -> list[int] | None: ...
+def safetensors_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int, int | None]]]: ...
+def sweep_stale_temps(folder: str | os.PathLike[str]) -> int: ...
+def is_temp_name(name: str | os.PathLike[str]) -> bool: ...
+def _inject_fault(stage: str | None) -> None: ...

@@ -1,0 +1,52 @@
+"""Shared fixtures. TensorFlow (CPU) is the backend under test."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=15, deadline=None)
+settings.register_profile("long", max_examples=500, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def small_model(seed: int = 0) -> keras.Model:
+    """Input(4) -> Dense(3) -> BatchNormalization -> Dense(2, name="head"), Adam, trained one
+    epoch so the optimizer has its slot variables."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(2, name="head"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.default_rng(seed).normal(size=(16, 4)).astype("float32")
+    model.fit(x, x[:, :2], epochs=1, batch_size=8, verbose=0)
+    return model
+
+
+@pytest.fixture
+def trained_model() -> keras.Model:
+    return small_model()
+
+
+def assert_same_state(a: keras.Model, b: keras.Model) -> None:
+    """Every model and optimizer variable of `b` equals `a`'s, bit for bit."""
+    pairs = list(zip(a.variables, b.variables, strict=True))
+    if a.optimizer is not None:
+        pairs += list(zip(a.optimizer.variables, b.optimizer.variables, strict=True))
+    for x, y in pairs:
+        xa, ya = np.asarray(x.numpy()), np.asarray(y.numpy())
+        assert xa.dtype == ya.dtype and xa.shape == ya.shape, x.path
+        assert xa.tobytes() == ya.tobytes(), f"{x.path} differs"
