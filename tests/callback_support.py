@@ -140,16 +140,21 @@ def fit_with(
         callback=callback,
         files=list_files(final),
         lines=[line for line in out.getvalue().split("\n") if line],
-        warnings=[
-            (w.category, str(w.message).replace(str(run_dir), "<dir>"))
-            for w in caught
-            # Deprecations are about library internals (Keras's tensor-to-numpy conversion
-            # warns once per variable saved), not about what the callback does.
-            if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
-        ],
+        warnings=[(c, m.replace(str(run_dir), "<dir>")) for c, m in callback_warnings(caught)],
         error=error,
         history=history,
     )
+
+
+def callback_warnings(caught: list[warnings.WarningMessage]) -> list[tuple[type, str]]:
+    """(category, text) of the warnings, less deprecations: those are about library
+    internals (Keras's tensor-to-numpy conversion warns once per variable it saves), not
+    about what the callback does."""
+    return [
+        (w.category, str(w.message))
+        for w in caught
+        if not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
 
 
 def list_files(folder: Path) -> list[str]:

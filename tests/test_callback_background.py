@@ -294,8 +294,14 @@ def test_exception_in_training_does_not_hang_the_interpreter(tmp_path):
         )
         """
     )
+    # The fastckpt these tests import.
+    path = [str(Path(fastckpt.__file__).parent.parent), os.environ.get("PYTHONPATH", "")]
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(path)},
     )
     assert done.returncode == 1, done.stderr
     assert "RuntimeError: boom after the save was handed off" in done.stderr

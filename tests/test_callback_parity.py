@@ -23,7 +23,13 @@ import numpy as np
 import pytest
 
 import fastckpt
-from callback_support import assert_same_checkpoint, assert_same_messages, fit_with, fresh_model
+from callback_support import (
+    assert_same_checkpoint,
+    assert_same_messages,
+    callback_warnings,
+    fit_with,
+    fresh_model,
+)
 
 SAFETENSORS = ".safetensors"
 
@@ -395,7 +401,7 @@ def test_non_scalar_monitor_warns_and_saves_like_keras(tmp_path):
             callback.on_epoch_begin(0)
             callback.on_epoch_end(0, logs={"val_loss": np.array([0.5, 0.25])})
             callback.on_train_end()
-        return [(w.category, str(w.message)) for w in caught]
+        return callback_warnings(caught)
 
     theirs = drive(keras.callbacks.ModelCheckpoint, "k.weights.h5")
     ours = drive(fastckpt.ModelCheckpoint, "o.safetensors")
