@@ -48,10 +48,19 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(self, job: _fastckpt.Job | _sharding.ShardedJob, path: str, started: float):
+    def __init__(
+        self,
+        job: _fastckpt.Job | _sharding.ShardedJob,
+        path: str,
+        started: float,
+        handed_off: float | None = None,
+    ):
         self._job = job
         self.path = path
         self._started = started
+        # Walk + snapshot time; the writer reports its own duration, so a result collected
+        # late does not count the time nobody was waiting.
+        self._before_write = (started if handed_off is None else handed_off) - started
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the save ends or `timeout` seconds pass; returns whether it ended."""
@@ -69,9 +78,9 @@ class SaveJob:
         """
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        paths, nbytes, _ = self._job.result()
+        paths, nbytes, write_seconds = self._job.result()
         paths = tuple(os.fspath(p) for p in paths)
-        seconds = time.perf_counter() - self._started
+        seconds = self._before_write + write_seconds
         return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -204,6 +213,7 @@ def save(
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
     snap = snapshot(plan)
+    handed_off = time.perf_counter()
     job = start_write(
         model,
         path,
@@ -216,7 +226,7 @@ def save(
         max_shard_size=max_shard_size,
     )
     snap.lend_to(job)
-    handle = SaveJob(job, path, started)
+    handle = SaveJob(job, path, started, handed_off)
     return handle if background else handle.result()
 
 
