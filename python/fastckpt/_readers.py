@@ -13,9 +13,9 @@ import zipfile
 from collections.abc import Callable
 
 import h5py
-from h5py import h5d, h5o
 import ml_dtypes
 import numpy as np
+from h5py import h5d, h5o
 
 from fastckpt import _fastckpt
 from fastckpt._errors import CheckpointContentError
