@@ -318,3 +318,21 @@ def test_keras_zip_over_4_gib(tmp_path):
     loaded = keras.saving.load_model(path, compile=False)
     w = loaded.layers[0].kernel.numpy()
     assert np.array_equal(w[::4096, ::4096], probe)
+
+
+def test_keras_zip_carries_assets(tmp_path):
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["red", "green", "green", "blue"]))
+    inputs = keras.Input((1,), dtype="string")
+    model = keras.Model(inputs, lookup(inputs))
+    path, keras_path = tmp_path / "m.keras", tmp_path / "k.keras"
+    fastckpt.save(model, path)
+    fastckpt.save(model, path)  # the second save reuses what the first learnt about assets
+    model.save(keras_path)
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(keras_path) as theirs:
+        assets = sorted(n for n in theirs.namelist() if n.startswith("assets/"))
+        assert assets and sorted(n for n in ours.namelist() if n.startswith("assets/")) == assets
+        for name in assets:
+            assert ours.read(name) == theirs.read(name)
+    loaded = keras.saving.load_model(path)
+    assert loaded.layers[-1].get_vocabulary() == lookup.get_vocabulary()

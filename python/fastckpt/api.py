@@ -159,7 +159,7 @@ def start_write(
     nodes = _layouts.weights_h5_nodes(plan, arrays)
     if fmt == "weights_h5":
         return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
-    before, after = _layouts.keras_zip_members(model)
+    before, after = _layouts.keras_zip_members(model, plan)
     return _fastckpt.write_keras(
         path, tensors, nodes, before, after, threads=threads, background=background
     )
