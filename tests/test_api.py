@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 import fastckpt
-from conftest import assert_same_state, small_model
+from conftest import assert_same_state, small_architecture, small_model
 from fastckpt import CheckpointContentError, _walk
 
 
@@ -61,15 +61,7 @@ def test_save_then_load_restores_everything_bit_exact(tmp_path, trained_model):
 def test_load_builds_an_unbuilt_optimizer(tmp_path, trained_model):
     path = tmp_path / "m.safetensors"
     fastckpt.save(trained_model, path)
-    model = keras.Sequential(
-        [
-            keras.Input((4,)),
-            keras.layers.Dense(3),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dense(2, name="head"),
-        ]
-    )
-    model.compile(optimizer="adam", loss="mse")
+    model = small_architecture()
     assert not model.optimizer.built
     fastckpt.load(model, path)
     assert_same_state(trained_model, model)
