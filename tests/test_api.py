@@ -222,3 +222,26 @@ def test_unsupported_keras_version_is_named(monkeypatch):
     monkeypatch.setattr(keras, "__version__", "3.16.0")
     with pytest.raises(ImportError, match=r"fastckpt supports keras>=3.15,<3.16, but keras 3.16.0"):
         _compat.check_keras_version()
+
+
+def test_snapshot_buffers_are_never_shared_by_two_saves_in_flight(tmp_path):
+    """A large variable is copied into a reused host arena: a second save while the first
+    is still writing must get its own buffers, and a failed hand-off frees its arena."""
+    from fastckpt import _snapshot
+
+    model = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512)])  # 1 MiB kernel
+    plan = _walk.plan_for(model, include_optimizer=False)
+    snapper = _snapshot.snapshotter_for(plan)
+    first = snapper.take()
+    second = snapper.take()  # the first is neither lent nor released: still reserved
+    assert first.arrays[0] is not second.arrays[0]
+    assert not np.shares_memory(first.arrays[0], second.arrays[0])
+    second.release()
+    third = snapper.take()
+    assert third.arrays[0] is second.arrays[0]  # reused, not reallocated
+    first.release()
+    third.release()
+    # This save fails after its snapshot (no max_shard_size): its arena must come back.
+    with pytest.raises(ValueError, match="needs `max_shard_size`"):
+        fastckpt.save(model, tmp_path / "x.weights.json", include_optimizer=False)
+    assert len(snapper._arenas) == 2 and all(a.free() for a in snapper._arenas)

@@ -214,17 +214,21 @@ def save(
     plan = plan_for(model, include_optimizer)
     snap = snapshot(plan)
     handed_off = time.perf_counter()
-    job = start_write(
-        model,
-        path,
-        plan,
-        snap.arrays,
-        weights_only=weights_only,
-        threads=threads,
-        background=background,
-        format=format,
-        max_shard_size=max_shard_size,
-    )
+    try:
+        job = start_write(
+            model,
+            path,
+            plan,
+            snap.arrays,
+            weights_only=weights_only,
+            threads=threads,
+            background=background,
+            format=format,
+            max_shard_size=max_shard_size,
+        )
+    except BaseException:
+        snap.release()
+        raise
     snap.lend_to(job)
     handle = SaveJob(job, path, started, handed_off)
     return handle if background else handle.result()
