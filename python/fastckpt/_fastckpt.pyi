@@ -4,14 +4,13 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-from typing_extensions import disjoint_base, final
+from typing_extensions import final
 
 DEFAULT_THREADS: int
 FAULT_INJECTION: bool
 DTYPES: dict[str, int]
 
 @final
-@disjoint_base
 class Job:
     def wait(self, timeout: float | None = None) -> bool: ...
     def done(self) -> bool: ...
