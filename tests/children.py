@@ -1,0 +1,165 @@
+"""What the crash and fault tests run in child processes (see `forkserver.py`), and the two
+model states they save: state A and state B, every variable (model and optimizer) filled
+with values that differ between the states, so a file can be told to hold exactly one.
+
+Each task is `task(emit, **args)`: `emit(event, **fields)` reports to the parent test.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import threading
+import time
+
+import keras
+import numpy as np
+from keras.src import backend
+
+import fastckpt
+from fastckpt import _fastckpt
+
+SUFFIXES = {
+    "safetensors": ".safetensors",
+    "weights_h5": ".weights.h5",
+    "keras": ".keras",
+    "legacy_h5": ".h5",
+}
+
+
+def state_model(width: int = 256) -> keras.Model:
+    """Dense -> BatchNormalization -> Dense -> Dense, Adam built: about 1.1M parameters
+    (13 MB with the optimizer's slots) at width 1024."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(width, name="d1"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(width, name="d2"),
+            keras.layers.Dense(8, name="head"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(), loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def all_variables(model: keras.Model) -> list:
+    return list(model.variables) + list(model.optimizer.variables)
+
+
+def state_arrays(model: keras.Model, which: str) -> list[np.ndarray]:
+    """The values of state `which` ("A" or "B") for every variable, in `all_variables`
+    order. Every variable differs between the states."""
+    seed = {"A": 1, "B": 2}[which]
+    out = []
+    for k, v in enumerate(all_variables(model)):
+        dtype = np.dtype(backend.standardize_dtype(v.dtype))
+        if dtype.kind == "f":
+            arr = np.random.default_rng([seed, k]).standard_normal(v.shape).astype(dtype)
+        else:
+            arr = np.full(v.shape, seed * 1000 + k, dtype)
+        out.append(arr)
+    return out
+
+
+def set_state(model: keras.Model, arrays: list[np.ndarray]) -> None:
+    for v, a in zip(all_variables(model), arrays, strict=True):
+        v.assign(a)
+
+
+def _model_in_state(which: str, width: int) -> keras.Model:
+    model = state_model(width)
+    set_state(model, state_arrays(model, which))
+    return model
+
+
+# ---- tasks ---------------------------------------------------------------------------
+
+
+def crash_loop(emit, path: str, writer: str = "fastckpt", width: int = 1024) -> None:
+    """Saves state A, says "ready", then saves B, A, B, ... to `path` until killed."""
+    model = state_model(width)
+    states = [state_arrays(model, "A"), state_arrays(model, "B")]
+
+    def save() -> None:
+        if writer == "keras":
+            model.save_weights(path)
+        else:
+            fastckpt.save(model, path)
+
+    set_state(model, states[0])
+    t0 = time.perf_counter()
+    save()
+    emit("ready", seconds=time.perf_counter() - t0)
+    i = 0
+    while True:
+        i += 1
+        set_state(model, states[i % 2])
+        save()
+        emit("saved", n=i)
+
+
+def save_state(emit, path: str, which: str, width: int = 256, repeat: int = 1) -> None:
+    """Saves state `which` to `path`, `repeat` times."""
+    model = _model_in_state(which, width)
+    emit("built")
+    for _ in range(repeat):
+        fastckpt.save(model, path)
+    emit("saved")
+
+
+def save_under_fsize_limit(emit, path: str, limit: int, width: int = 256) -> None:
+    """Saves state B with RLIMIT_FSIZE below the file's size: the write must fail cleanly
+    (EFBIG), not kill the process with SIGXFSZ (Python ignores that signal)."""
+    model = _model_in_state("B", width)
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    fastckpt.save(model, path)
+    emit("saved")
+
+
+def save_as_nobody(emit, path: str, width: int = 256) -> None:
+    """Saves state B after dropping root (which bypasses permission checks) for nobody."""
+    model = _model_in_state("B", width)
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    fastckpt.save(model, path)
+    emit("saved")
+
+
+def interrupt_wait(emit, path: str, delay_ms: int, width: int = 256) -> None:
+    """Ctrl-C (SIGINT) while the main thread waits on a background save."""
+    model = _model_in_state("B", width)
+    _fastckpt._inject_delay(delay_ms)
+    job = fastckpt.save(model, path, background=True)
+    sent = threading.Event()
+
+    def interrupt() -> None:
+        time.sleep(0.2)
+        sent.set()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt).start()
+    t0 = time.perf_counter()
+    try:
+        job.wait()
+        emit("not_interrupted", seconds=time.perf_counter() - t0, signalled=sent.is_set())
+    except KeyboardInterrupt:
+        emit("interrupted", seconds=time.perf_counter() - t0, done=job.done())
+    _fastckpt._inject_delay(0)
+    finished = job.wait(timeout=120)
+    error = job.exception(timeout=0) if finished else None
+    emit("finished", finished=finished, error=repr(error) if error else None)
+
+
+def exit_during_background_save(emit, path: str, delay_ms: int, width: int = 256) -> None:
+    """Starts a background save and returns at once: the server then ends this child with
+    `sys.exit`, a normal interpreter exit with the writer thread still running."""
+    model = _model_in_state("B", width)
+    _fastckpt._inject_delay(delay_ms)
+    fastckpt.save(model, path, background=True)
+    emit("started", t=time.time())
