@@ -163,3 +163,70 @@ def exit_during_background_save(emit, path: str, delay_ms: int, width: int = 256
     _fastckpt._inject_delay(delay_ms)
     fastckpt.save(model, path, background=True)
     emit("started", t=time.time())
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+
+def _error_info(e: BaseException) -> dict:
+    return {
+        "type": type(e).__name__,
+        "mro": [c.__name__ for c in type(e).__mro__],
+        "message": str(e)[:500],
+    }
+
+
+def load_hostile(emit, path: str, loader: str = "load", headroom_mb: int = 1024) -> None:
+    """Loads a damaged or hostile file, then verifies it, under an address-space limit of
+    `headroom_mb` above what the process already maps, with every unpickling entry point
+    (and numpy.load, whose allow_pickle path unpickles) replaced by a tripwire."""
+    import pickle
+
+    from fastckpt.verify import verify
+
+    tripped: list[str] = []
+
+    def tripwire(name):
+        def refuse(*args, **kwargs):
+            tripped.append(name)
+            raise RuntimeError(f"{name} was called while loading a checkpoint")
+
+        return refuse
+
+    pickle.load = tripwire("pickle.load")
+    pickle.loads = tripwire("pickle.loads")
+    pickle.Unpickler = tripwire("pickle.Unpickler")
+    np.load = tripwire("numpy.load")
+    model = state_model(64)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + (headroom_mb << 20), hard))
+    results: dict = {}
+    try:
+        if loader == "load_model":
+            loaded = fastckpt.load_model(path)
+        else:
+            fastckpt.load(model, path)
+            loaded = model
+        values = [np.asarray(v.numpy()) for v in all_variables(loaded)]
+        want = state_arrays(loaded, "A")
+        results["load"] = {
+            "ok": True,
+            "matches_A": all(
+                a.dtype == b.dtype and a.tobytes() == b.tobytes()
+                for a, b in zip(values, want, strict=True)
+            ),
+        }
+    except BaseException as e:
+        results["load"] = _error_info(e)
+    try:
+        report = verify(path)
+        results["verify"] = {"ok": report.ok, "problems": report.problems, "report": str(report)}
+    except BaseException as e:
+        results["verify"] = _error_info(e)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    emit("done", results=results, tripped=tripped, maxrss_kb=usage.ru_maxrss)
