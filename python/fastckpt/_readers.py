@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import mmap
 import os
 import struct
 import zipfile
@@ -107,6 +109,8 @@ _PARSE_ERRORS = (
     struct.error,
     zipfile.BadZipFile,
     zlib.error,
+    # h5py's visit callbacks turn a libhdf5 error met during the walk into SystemError
+    SystemError,
 )
 
 
@@ -119,7 +123,8 @@ def content_errors(path: str) -> Iterator[None]:
     except CheckpointError:
         raise
     except OSError as e:
-        if e.errno is not None:
+        # EINVAL/EOVERFLOW: a seek to an offset the file made up (zipfile, h5py)
+        if e.errno is not None and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
             raise
         raise CheckpointContentError(f"{path}: damaged or not a checkpoint: {e}") from e
     except _PARSE_ERRORS as e:
@@ -137,14 +142,64 @@ _PLAIN_KINDS = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8)}
 
 
 def _h5_dtype(ds: h5py.Dataset) -> str:
-    if ds.attrs.get("dtype") == "bfloat16":
-        if ds.dtype.itemsize != 2:
-            raise CheckpointContentError(f"{ds.name}: bfloat16 with {ds.dtype.itemsize} bytes")
-        return "bfloat16"
     dt = ds.dtype
+    # Keras stores bfloat16 as a 2-byte opaque type tagged dtype="bfloat16". The tag is a
+    # variable-length string, the one kind of value whose reading goes through the global
+    # heap (see check_global_heaps): read it only where it can matter.
+    if dt.kind == "V" and dt.itemsize == 2 and ds.attrs.get("dtype") == "bfloat16":
+        return "bfloat16"
     if dt.kind not in _PLAIN_KINDS or dt.itemsize not in _PLAIN_KINDS[dt.kind]:
         raise CheckpointContentError(f"{ds.name}: unsupported dtype {dt} in a checkpoint")
     return dt.name
+
+
+_GCOL = b"GCOL\x01\x00\x00\x00"  # signature, version 1, three reserved bytes
+
+
+def check_global_heaps(path: str, payloads: list[tuple[int, int]] = ()) -> None:
+    """Walks every global heap collection in the file the way libhdf5 will, and refuses
+    the file if one is malformed. libhdf5 1.14 (h5py's) loops forever on a heap object
+    of size 0 when it reads a variable-length string (an attribute such as Keras's
+    `model_config` or a bfloat16 tag), so this check must run before such a read.
+
+    `payloads` are `(offset, length)` ranges of dataset data, which hold no heap: only
+    the rest of the file (its metadata) is scanned."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < len(_GCOL):
+            return
+        gaps, at = [], 0
+        for offset, length in sorted(payloads):
+            if offset > at:
+                gaps.append((at, offset))
+            at = max(at, offset + length)
+        gaps.append((at, size))
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for start, end in gaps:
+                hit = m.find(_GCOL, start, end)
+                while hit >= 0:
+                    _walk_global_heap(path, m, hit, size)
+                    hit = m.find(_GCOL, hit + 1, end)
+
+
+def _walk_global_heap(path: str, m: mmap.mmap, at: int, file_size: int) -> None:
+    def bad(why: str) -> CheckpointContentError:
+        return CheckpointContentError(f"{path}: malformed global heap at {at}: {why}")
+
+    if at + 16 > file_size:
+        raise bad("truncated")
+    (length,) = struct.unpack_from("<Q", m, at + 8)
+    if length < 4096 or at + length > file_size:
+        raise bad(f"collection size {length}")
+    p, end = at + 16, at + length
+    while p < end:
+        if p + 16 > end:
+            break  # too small for an object: libhdf5 takes it as free space
+        idx, _, _, obj_size = struct.unpack_from("<HHIQ", m, p)
+        need = 16 + (obj_size + 7) // 8 * 8 if idx > 0 else obj_size
+        if need < 16 or p + need > end:
+            raise bad(f"object {idx} of {obj_size} bytes at {p}")
+        p += need
 
 
 def check_h5_links(f: h5py.Group) -> None:
@@ -165,26 +220,28 @@ def check_h5_links(f: h5py.Group) -> None:
         )
 
 
-def _h5_tensors(f: h5py.File, base: int, limit: int) -> dict[str, TensorInfo]:
+def _h5_tensors(
+    f: h5py.File, base: int, limit: int, heaps: str | None, all_strings: bool = False
+) -> dict[str, TensorInfo]:
     """Every dataset of a Keras weights tree with the absolute offset of its payload, or
     -1 where h5py must read it (chunked, filtered, big-endian or unallocated storage).
-    Nothing the file declares is trusted: links, dtypes and sizes are checked first."""
+    Nothing the file declares is trusted: links, dtypes and sizes are checked first.
+    `heaps`: the file to scan for global heaps (see check_global_heaps), None if it
+    cannot be scanned (a compressed zip member); scanned when a dataset may carry a
+    bfloat16 tag, or always with `all_strings` (string attributes will be read)."""
     check_h5_links(f)
-    tensors: dict[str, TensorInfo] = {}
-
-    def visit(name: str, obj) -> CheckpointContentError | None:
-        if not isinstance(obj, h5py.Dataset):
-            return None
-        try:
-            tensors[name] = _h5_tensor(name, obj, base, limit)
-        except CheckpointContentError as e:
-            return e  # stops the walk; raised below (h5py callbacks must not raise)
-        return None
-
-    problem = f.visititems(visit)
-    if problem is not None:
-        raise problem
-    return tensors
+    datasets: list[tuple[str, h5py.Dataset]] = []
+    f.visititems(
+        lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None
+    )
+    if heaps is not None and (all_strings or any(ds.dtype.kind == "V" for _, ds in datasets)):
+        payloads = []
+        for _, ds in datasets:
+            offset = ds.id.get_offset()
+            if offset is not None and ds.chunks is None:
+                payloads.append((base + offset, ds.id.get_storage_size()))
+        check_global_heaps(heaps, payloads)  # before _h5_dtype reads a bfloat16 tag
+    return {name: _h5_tensor(name, ds, base, limit) for name, ds in datasets}
 
 
 def _h5_tensor(name: str, obj: h5py.Dataset, base: int, limit: int) -> TensorInfo:
@@ -260,7 +317,7 @@ def open_sharded(path: str) -> Checkpoint:
     for name in shards:
         shard = os.path.join(folder, name)
         with h5py.File(shard, "r") as f:
-            for key, info in _h5_tensors(f, 0, os.path.getsize(shard)).items():
+            for key, info in _h5_tensors(f, 0, os.path.getsize(shard), shard).items():
                 if info.offset < 0:
                     raise CheckpointContentError(f"{shard}: {key} is not stored contiguously")
                 tensors[key] = dataclasses.replace(info, file=shard)
@@ -269,7 +326,7 @@ def open_sharded(path: str) -> Checkpoint:
 
 def open_weights_h5(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
-        tensors = _h5_tensors(f, 0, os.path.getsize(path))
+        tensors = _h5_tensors(f, 0, os.path.getsize(path), path)
     return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
 
 
@@ -338,11 +395,11 @@ def open_keras(path: str) -> Checkpoint:
                     raise CheckpointContentError(
                         f"{path}: {WEIGHTS_MEMBER} runs past the end of the file"
                     )
-                tensors = _h5_tensors(f, base, limit)
+                tensors = _h5_tensors(f, base, limit, path)
             else:
                 tensors = {
                     n: dataclasses.replace(t, offset=-1)
-                    for n, t in _h5_tensors(f, 0, info.file_size).items()
+                    for n, t in _h5_tensors(f, 0, info.file_size, None).items()
                 }
     return Checkpoint(path, tensors, {}, config, _h5_fallback(path, WEIGHTS_MEMBER))
 
@@ -351,11 +408,9 @@ def open_legacy_h5(path: str) -> Checkpoint:
     """A legacy full-model `.h5`: every dataset by its path in the file (for verifying and
     inspecting; `api.load` loads this layout through Keras's own legacy loader)."""
     with h5py.File(path, "r") as f:
-        tensors = _h5_tensors(f, 0, os.path.getsize(path))
-        config = f.attrs.get("model_config")
-    if isinstance(config, bytes):
-        config = config.decode("utf8")
-    return Checkpoint(path, tensors, {}, config, _h5_fallback(path, None))
+        # Keras's legacy loader reads every string attribute
+        tensors = _h5_tensors(f, 0, os.path.getsize(path), path, all_strings=True)
+    return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
 
 
 def open_checkpoint(path: str | os.PathLike, *, legacy: bool = False) -> Checkpoint:
