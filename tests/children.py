@@ -230,3 +230,26 @@ def load_hostile(emit, path: str, loader: str = "load", headroom_mb: int = 1024)
         results["verify"] = _error_info(e)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     emit("done", results=results, tripped=tripped, maxrss_kb=usage.ru_maxrss)
+
+
+def fuzz_readers(emit, seeds: list[str], work: str, seconds: float, seed: int) -> None:
+    """Runs the mutation fuzzer of `fuzz_readers.py` on `seeds` for `seconds`, under an
+    address-space limit; every finding is emitted with the input's path."""
+    import fuzz_readers
+
+    data = [open(p, "rb").read() for p in seeds]
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (_vm_bytes() + (1024 << 20), hard))
+    found = []
+
+    def on_finding(blob: bytes, message: str) -> None:
+        if len(found) >= 20:  # enough to triage; the count is in the stats
+            return
+        keep = f"{work}.finding{len(found)}"
+        with open(keep, "wb") as f:
+            f.write(blob)
+        found.append(keep)
+        emit("finding", path=keep, message=message[:2000])
+
+    stats = fuzz_readers.run(data, work, seconds, seed, on_finding)
+    emit("stats", **stats)
