@@ -253,3 +253,53 @@ def fuzz_readers(emit, seeds: list[str], work: str, seconds: float, seed: int) -
 
     stats = fuzz_readers.run(data, work, seconds, seed, on_finding)
     emit("stats", **stats)
+
+
+def soak(emit, folder: str, saves: int, every: int, suffixes: list[str]) -> None:
+    """One training run of a tiny model with a background save after every train step
+    (rotating over `suffixes`), each awaited before the next; samples RSS, open file
+    descriptors and threads every `every` saves."""
+    import psutil
+
+    model = state_model(64)
+    x = np.random.default_rng(0).normal(size=(32, 64)).astype("float32")
+    y = x[:, :8]
+    proc = psutil.Process()
+    for i in range(1, saves + 1):
+        model.train_on_batch(x, y)
+        path = os.path.join(folder, f"ckpt{suffixes[i % len(suffixes)]}")
+        job = fastckpt.save(model, path, background=True)
+        job.result(timeout=120)
+        if i % every == 0:
+            emit(
+                "sample",
+                saves=i,
+                rss=proc.memory_info().rss,
+                fds=len(os.listdir("/proc/self/fd")),
+                threads=threading.active_count(),
+                tasks=len(os.listdir("/proc/self/task")),
+            )
+
+
+def keras_zip_growth(emit, folder: str, saves: int) -> None:
+    """RSS growth over `saves` `.keras` saves by fastckpt, then by Keras's own
+    `model.save`, each after a warm-up."""
+    import gc
+
+    import psutil
+
+    model = state_model(64)
+    proc = psutil.Process()
+    path = os.path.join(folder, "m.keras")
+    for name, save in (
+        ("fastckpt", lambda: fastckpt.save(model, path, background=True).result()),
+        ("keras", lambda: model.save(path)),
+    ):
+        for _ in range(saves // 4):
+            save()
+        gc.collect()
+        before = proc.memory_info().rss
+        for _ in range(saves):
+            save()
+        gc.collect()
+        emit("growth", writer=name, bytes=proc.memory_info().rss - before)
