@@ -431,6 +431,8 @@ def _cases():
 
     # legacy .h5
     case("legacy-truncated", "L", lambda s, d: cut(s, d / "t.h5", s.stat().st_size // 2))
+    # libhdf5 loops forever on a free-space heap object of size 0 (found by fuzzing)
+    case("legacy-global-heap-loop", "L", lambda s, d: _heap_loop(s, d / "t.h5"))
 
     def legacy_soft(f):
         name = next(iter(f["model_weights"]))
@@ -470,6 +472,18 @@ def _evil_npz(folder: Path) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, x=np.array([Evil(), 1], dtype=object))  # an object array: pickled
     return buf.getvalue()
+
+
+def _heap_loop(src: Path, dst: Path) -> Path:
+    """Zeroes the header of the global heap's second object: a free-space object of size
+    0, on which libhdf5 1.14 spins while reading any string attribute."""
+    data = bytearray(src.read_bytes())
+    at = data.find(b"GCOL\x01\x00\x00\x00") + 16
+    (size,) = struct.unpack_from("<Q", data, at + 8)
+    at += 16 + (size + 7) // 8 * 8
+    data[at : at + 16] = bytes(16)
+    dst.write_bytes(bytes(data))
+    return dst
 
 
 def _kernel_offset(path: Path) -> int:
