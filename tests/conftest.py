@@ -56,3 +56,13 @@ def assert_same_state(a: keras.Model, b: keras.Model) -> None:
         xa, ya = np.asarray(x.numpy()), np.asarray(y.numpy())
         assert xa.dtype == ya.dtype and xa.shape == ya.shape, x.path
         assert xa.tobytes() == ya.tobytes(), f"{x.path} differs"
+
+
+@pytest.fixture(scope="session")
+def forkserver(tmp_path_factory):
+    """Cheap child processes that run the whole save path (see tests/forkserver.py)."""
+    from forkserver import ForkServer
+
+    server = ForkServer(tmp_path_factory.mktemp("forkserver") / "server.log")
+    yield server
+    server.close()

@@ -6,11 +6,16 @@ every (offset, length) against the file's size, and checksums are verified when 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import json
+import mmap
 import os
 import struct
 import zipfile
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 
 import h5py
 import ml_dtypes
@@ -18,7 +23,7 @@ import numpy as np
 from h5py import h5d, h5o
 
 from fastckpt import _fastckpt
-from fastckpt._errors import CheckpointContentError
+from fastckpt._errors import CheckpointContentError, CheckpointError
 from fastckpt._formats import format_for
 
 
@@ -61,7 +66,8 @@ class Checkpoint:
             info = self.tensors[name]
             if info.offset < 0:
                 assert self.fallback is not None
-                out[name] = self.fallback(name)
+                with content_errors(self.path):
+                    out[name] = self.fallback(name)
                 continue
             arr = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
             out[name] = arr
@@ -91,60 +97,194 @@ def open_safetensors(path: str) -> Checkpoint:
     return Checkpoint(path, tensors, metadata, metadata.get("keras.config"))
 
 
+# What a parsing library raises on a damaged or hostile file. h5py reports a corrupt file as
+# an OSError without an errno; a real OS error (no such file, no permission) has one.
+_PARSE_ERRORS = (
+    OSError,
+    KeyError,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+    # h5py's visit callbacks turn a libhdf5 error met during the walk into SystemError
+    SystemError,
+)
+
+
+@contextlib.contextmanager
+def content_errors(path: str) -> Iterator[None]:
+    """Turns what a parser raises about a file's content into CheckpointContentError;
+    fastckpt's own errors and real OS errors (with an errno) pass through."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as e:
+        # EINVAL/EOVERFLOW: a seek to an offset the file made up (zipfile, h5py)
+        if e.errno is not None and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
+            raise
+        raise CheckpointContentError(f"{path}: damaged or not a checkpoint: {e}") from e
+    except _PARSE_ERRORS as e:
+        raise CheckpointContentError(f"{path}: damaged or not a checkpoint: {e!r}") from e
+
+
+# A dataset read through h5py (chunked, compressed, unallocated) may declare at most this
+# many times the bytes it stores, past a floor: more is a shape or decompression bomb.
+# Keras's own guard (saving_lib.safe_get_h5_dataset) uses the same ratio with a 4 GiB floor.
+BOMB_FLOOR_BYTES = 64 << 20
+BOMB_MAX_EXPANSION = 1000
+
+# Kinds and sizes of numpy dtypes a checkpoint may hold (bool, ints, floats).
+_PLAIN_KINDS = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8)}
+
+
 def _h5_dtype(ds: h5py.Dataset) -> str:
-    if ds.dtype.kind == "V" and ds.attrs.get("dtype") == "bfloat16":
+    dt = ds.dtype
+    # Keras stores bfloat16 as a 2-byte opaque type tagged dtype="bfloat16". The tag is a
+    # variable-length string, the one kind of value whose reading goes through the global
+    # heap (see check_global_heaps): read it only where it can matter.
+    if dt.kind == "V" and dt.itemsize == 2 and ds.attrs.get("dtype") == "bfloat16":
         return "bfloat16"
-    return ds.dtype.name
+    if dt.kind not in _PLAIN_KINDS or dt.itemsize not in _PLAIN_KINDS[dt.kind]:
+        raise CheckpointContentError(f"{ds.name}: unsupported dtype {dt} in a checkpoint")
+    return dt.name
 
 
-def _h5_tensors(f: h5py.File, base: int, limit: int) -> dict[str, TensorInfo]:
-    """Every dataset of a Keras weights tree with the absolute offset of its payload, or
-    -1 where it cannot be read directly (chunked, filtered or external storage).
+_GCOL = b"GCOL\x01\x00\x00\x00"  # signature, version 1, three reserved bytes
 
-    Uses h5py's low-level API: the high-level `visititems` builds a Python object per
-    member and costs 4x more on models with thousands of variables. `H5Ovisit` follows
-    hard links only, so soft and external links are never followed.
-    """
-    names: list[bytes] = []
 
-    def collect(name: bytes, info) -> None:
-        if info.type == h5o.TYPE_DATASET:
-            names.append(name)
+def check_global_heaps(path: str, payloads: list[tuple[int, int]] = ()) -> None:
+    """Walks every global heap collection in the file the way libhdf5 will, and refuses
+    the file if one is malformed. libhdf5 1.14 (h5py's) loops forever on a heap object
+    of size 0 when it reads a variable-length string (an attribute such as Keras's
+    `model_config` or a bfloat16 tag), so this check must run before such a read.
 
-    h5o.visit(f.id, collect, info=True)
-    tensors: dict[str, TensorInfo] = {}
-    for raw in names:
-        name = raw.decode("utf8")
-        dsid = h5d.open(f.id, raw)
-        dtype = dsid.dtype.name
-        if dsid.dtype.kind == "V":
-            dtype = _h5_dtype(h5py.Dataset(dsid))
-        shape = tuple(dsid.shape)
-        try:
-            itemsize = numpy_dtype(dtype).itemsize
-        except TypeError as e:
-            raise CheckpointContentError(f"{name}: unsupported dtype {dtype}") from e
-        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-        plist = dsid.get_create_plist()
-        plain = (
-            plist.get_layout() == h5d.CONTIGUOUS
-            and plist.get_nfilters() == 0
-            and plist.get_external_count() == 0
+    `payloads` are `(offset, length)` ranges of dataset data, which hold no heap: only
+    the rest of the file (its metadata) is scanned."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < len(_GCOL):
+            return
+        gaps, at = [], 0
+        for offset, length in sorted(payloads):
+            if offset > at:
+                gaps.append((at, offset))
+            at = max(at, offset + length)
+        gaps.append((at, size))
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            for start, end in gaps:
+                hit = m.find(_GCOL, start, end)
+                while hit >= 0:
+                    _walk_global_heap(path, m, hit, size)
+                    hit = m.find(_GCOL, hit + 1, end)
+
+
+def _walk_global_heap(path: str, m: mmap.mmap, at: int, file_size: int) -> None:
+    def bad(why: str) -> CheckpointContentError:
+        return CheckpointContentError(f"{path}: malformed global heap at {at}: {why}")
+
+    if at + 16 > file_size:
+        raise bad("truncated")
+    (length,) = struct.unpack_from("<Q", m, at + 8)
+    if length < 4096 or at + length > file_size:
+        raise bad(f"collection size {length}")
+    p, end = at + 16, at + length
+    while p < end:
+        if p + 16 > end:
+            break  # too small for an object: libhdf5 takes it as free space
+        idx, _, _, obj_size = struct.unpack_from("<HHIQ", m, p)
+        need = 16 + (obj_size + 7) // 8 * 8 if idx > 0 else obj_size
+        if need < 16 or p + need > end:
+            raise bad(f"object {idx} of {obj_size} bytes at {p}")
+        p += need
+
+
+def check_h5_links(f: h5py.Group) -> None:
+    """Refuses what Keras refuses (`saving_lib.safe_get_h5_group`): soft and external links,
+    which can alias other objects or read other files."""
+    # h5py's visit callbacks must not raise (h5py turns it into a SystemError): a non-None
+    # return value stops the walk instead.
+    found = f.visititems_links(
+        lambda name, link: (
+            (name, type(link).__name__)
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink))
+            else None
         )
-        offset = dsid.get_offset()
-        if nbytes == 0:
-            offset = 0
-        elif offset is None or not plain:
-            offset = -1
-        else:
-            offset += base
-            if offset + nbytes > limit:
-                raise CheckpointContentError(
-                    f"{name}: {nbytes} bytes at offset {offset} lie past the end of the data "
-                    f"({limit} bytes)"
-                )
-        tensors[name] = TensorInfo(dtype, shape, offset, nbytes)
-    return tensors
+    )
+    if found is not None:
+        raise CheckpointContentError(
+            f"{f.file.filename}: {found[1]} at /{found[0]} is not allowed in a checkpoint"
+        )
+
+
+def _h5_tensors(
+    f: h5py.File, base: int, limit: int, heaps: str | None, all_strings: bool = False
+) -> dict[str, TensorInfo]:
+    """Every dataset of a Keras weights tree with the absolute offset of its payload, or
+    -1 where h5py must read it (chunked, filtered, big-endian or unallocated storage).
+    Nothing the file declares is trusted: links, dtypes and sizes are checked first.
+    `heaps`: the file to scan for global heaps (see check_global_heaps), None if it
+    cannot be scanned (a compressed zip member); scanned when a dataset may carry a
+    bfloat16 tag, or always with `all_strings` (string attributes will be read)."""
+    check_h5_links(f)
+    # h5py's low-level walk: `visititems` builds a Python object for every member and
+    # costs several times more on models with thousands of variables.
+    names: list[bytes] = []
+    h5o.visit(
+        f.id,
+        lambda name, info: names.append(name) if info.type == h5o.TYPE_DATASET else None,
+        info=True,
+    )
+    datasets = [(raw.decode("utf8"), h5py.Dataset(h5d.open(f.id, raw))) for raw in names]
+    if heaps is not None and (all_strings or any(ds.dtype.kind == "V" for _, ds in datasets)):
+        payloads = []
+        for _, ds in datasets:
+            offset = ds.id.get_offset()
+            if offset is not None and ds.chunks is None:
+                payloads.append((base + offset, ds.id.get_storage_size()))
+        check_global_heaps(heaps, payloads)  # before _h5_dtype reads a bfloat16 tag
+    return {name: _h5_tensor(name, ds, base, limit) for name, ds in datasets}
+
+
+def _h5_tensor(name: str, obj: h5py.Dataset, base: int, limit: int) -> TensorInfo:
+    """One dataset's dtype, shape and payload offset; external and virtual datasets
+    (whose data lives in other files) and bombs are refused."""
+    if obj.external or obj.is_virtual:
+        raise CheckpointContentError(
+            f"{name}: {'external' if obj.external else 'virtual'} datasets read other "
+            "files and are not allowed in a checkpoint"
+        )
+    dtype = _h5_dtype(obj)
+    shape = tuple(obj.shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+    if nbytes < 0 or any(d < 0 for d in shape):
+        raise CheckpointContentError(f"{name}: impossible shape {shape}")
+    offset = obj.id.get_offset()
+    plain = (
+        obj.chunks is None and obj.compression is None and obj.dtype.byteorder in ("<", "=", "|")
+    )
+    if nbytes == 0:
+        offset = 0
+    elif offset is None or not plain:
+        stored = obj.id.get_storage_size()
+        if nbytes > BOMB_FLOOR_BYTES and nbytes > BOMB_MAX_EXPANSION * stored:
+            raise CheckpointContentError(
+                f"{name}: declares {nbytes} bytes but stores {stored}: refusing a shape or "
+                "decompression bomb"
+            )
+        offset = -1
+    else:
+        offset += base
+        if offset + nbytes > limit:
+            raise CheckpointContentError(
+                f"{name}: {nbytes} bytes at offset {offset} lie past the end of the data "
+                f"({limit} bytes)"
+            )
+    return TensorInfo(dtype, shape, offset, nbytes)
 
 
 def _h5_fallback(path: str, member: str | None) -> Callable[[str], np.ndarray]:
@@ -162,8 +302,6 @@ def _h5_fallback(path: str, member: str | None) -> Callable[[str], np.ndarray]:
 
 def open_sharded(path: str) -> Checkpoint:
     """A `.weights.json` index and its `_00000.weights.h5` shards, beside it."""
-    import json
-
     with open(path, "rb") as f:
         index = json.load(f)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -185,7 +323,7 @@ def open_sharded(path: str) -> Checkpoint:
     for name in shards:
         shard = os.path.join(folder, name)
         with h5py.File(shard, "r") as f:
-            for key, info in _h5_tensors(f, 0, os.path.getsize(shard)).items():
+            for key, info in _h5_tensors(f, 0, os.path.getsize(shard), shard).items():
                 if info.offset < 0:
                     raise CheckpointContentError(f"{shard}: {key} is not stored contiguously")
                 tensors[key] = dataclasses.replace(info, file=shard)
@@ -194,7 +332,7 @@ def open_sharded(path: str) -> Checkpoint:
 
 def open_weights_h5(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
-        tensors = _h5_tensors(f, 0, os.path.getsize(path))
+        tensors = _h5_tensors(f, 0, os.path.getsize(path), path)
     return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
 
 
@@ -203,18 +341,53 @@ WEIGHTS_MEMBER = "model.weights.h5"
 
 def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
     """Where a stored zip member's bytes begin: after its local header, whose name and
-    extra-field lengths may differ from the central directory's."""
+    extra-field lengths may differ from the central directory's (but not its name)."""
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         header = f.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointContentError(f"{path}: bad local header for {info.filename}")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointContentError(f"{path}: bad local header for {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        encoding = "utf8" if info.flag_bits & 0x800 else "cp437"
+        if f.read(name_len) != info.orig_filename.encode(encoding):
+            raise CheckpointContentError(
+                f"{path}: the local header of {info.filename} names another member"
+            )
     return info.header_offset + 30 + name_len + extra_len
+
+
+# Zip members read into memory (config.json) or through zipfile (a compressed weights file)
+# may expand at most this much past a floor; Keras refuses the same (`_reject_zip_bomb`).
+ZIP_BOMB_FLOOR_BYTES = 64 << 20
+ZIP_MAX_EXPANSION = 100
+
+
+def check_zip_members(path: str, zf: zipfile.ZipFile) -> None:
+    """Refuses archives no Keras writer makes and that only an attack needs: member names
+    that climb out of a folder or are absolute, duplicate names (which one is read depends
+    on the reader), and members declaring far more bytes than they store."""
+    seen = set()
+    for info in zf.infolist():
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0] or "\0" in name:
+            raise CheckpointContentError(f"{path}: unsafe member name {name!r} in the archive")
+        if name in seen:
+            raise CheckpointContentError(f"{path}: member {name!r} appears twice")
+        seen.add(name)
+        if (
+            info.file_size > ZIP_BOMB_FLOOR_BYTES
+            and info.file_size > ZIP_MAX_EXPANSION * info.compress_size
+        ):
+            raise CheckpointContentError(
+                f"{path}: member {name!r} declares {info.file_size} bytes but stores "
+                f"{info.compress_size}: refusing a decompression bomb"
+            )
 
 
 def open_keras(path: str) -> Checkpoint:
     with zipfile.ZipFile(path) as zf:
+        check_zip_members(path, zf)
         names = zf.namelist()
         if WEIGHTS_MEMBER not in names:
             raise CheckpointContentError(f"{path}: no {WEIGHTS_MEMBER} in the archive")
@@ -224,30 +397,49 @@ def open_keras(path: str) -> Checkpoint:
             if info.compress_type == zipfile.ZIP_STORED:
                 base = _member_data_offset(path, info)
                 limit = base + info.file_size
-                if limit > os.path.getsize(path):
+                if info.compress_size != info.file_size or limit > os.path.getsize(path):
                     raise CheckpointContentError(
                         f"{path}: {WEIGHTS_MEMBER} runs past the end of the file"
                     )
-                tensors = _h5_tensors(f, base, limit)
+                tensors = _h5_tensors(f, base, limit, path)
             else:
                 tensors = {
                     n: dataclasses.replace(t, offset=-1)
-                    for n, t in _h5_tensors(f, 0, info.file_size).items()
+                    for n, t in _h5_tensors(f, 0, info.file_size, None).items()
                 }
     return Checkpoint(path, tensors, {}, config, _h5_fallback(path, WEIGHTS_MEMBER))
 
 
-def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_legacy_h5(path: str) -> Checkpoint:
+    """A legacy full-model `.h5`: every dataset by its path in the file (for verifying and
+    inspecting; `api.load` loads this layout through Keras's own legacy loader)."""
+    with h5py.File(path, "r") as f:
+        # Keras's legacy loader reads every string attribute
+        tensors = _h5_tensors(f, 0, os.path.getsize(path), path, all_strings=True)
+    return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
+
+
+def open_checkpoint(path: str | os.PathLike, *, legacy: bool = False) -> Checkpoint:
     """Opens a checkpoint in the Keras weights layout (`.safetensors`, `.weights.h5`,
-    `.keras`), by suffix. Legacy `.h5` files have their own layout: see `api.load`."""
+    `.weights.json`, `.keras`), by suffix; with `legacy`, also a legacy full-model `.h5`
+    (whose layout `api.load` hands to Keras's legacy loader).
+
+    Raises:
+        CheckpointContentError: the file is damaged, hostile or not a checkpoint.
+        OSError: the file cannot be read (FileNotFoundError, PermissionError, ...).
+    """
     path = os.fspath(path)
     fmt = format_for(path)
-    if fmt == "safetensors":
-        return open_safetensors(path)
-    if fmt == "weights_h5":
-        return open_weights_h5(path)
-    if fmt == "weights_sharded":
-        return open_sharded(path)
-    if fmt == "keras":
-        return open_keras(path)
+    os.stat(path)  # a missing or unreadable file is an OSError, not a content error
+    with content_errors(path):
+        if fmt == "safetensors":
+            return open_safetensors(path)
+        if fmt == "weights_h5":
+            return open_weights_h5(path)
+        if fmt == "weights_sharded":
+            return open_sharded(path)
+        if fmt == "keras":
+            return open_keras(path)
+        if legacy:
+            return open_legacy_h5(path)
     raise ValueError(f"{path} is a legacy full-model HDF5 file: it has no Keras weights tree")

@@ -386,7 +386,10 @@ def _load_legacy_h5(model: keras.Model, path: str) -> None:
     import h5py
     from keras.src.legacy.saving import legacy_h5_format
 
-    with h5py.File(path, "r") as f:
+    # Keras's legacy loader follows soft and external links and trusts every dataset:
+    # check the whole file first, as the other readers do.
+    _readers.open_checkpoint(path, legacy=True)
+    with _readers.content_errors(path), h5py.File(path, "r") as f:
         legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
         optimizer = getattr(model, "optimizer", None)
         if "optimizer_weights" in f and optimizer is not None:
@@ -409,6 +412,7 @@ def load_model(
     """
     path = os.fspath(path)
     if format_for(path) == "legacy_h5":
+        _readers.open_checkpoint(path, legacy=True)  # links, dtypes and sizes checked first
         return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     checkpoint = _readers.open_checkpoint(path)
     config = checkpoint.model_config
@@ -417,6 +421,9 @@ def load_model(
             f"{path} holds no model config (it was saved with weights_only=True): build the "
             "model in code and use fastckpt.load(model, path)"
         )
-    model = saving_lib._model_from_config(config, None, compile, safe_mode)
+    try:
+        model = saving_lib._model_from_config(config, None, compile, safe_mode)
+    except ValueError as e:  # a malformed config, or one that safe_mode refuses to run
+        raise CheckpointContentError(f"{path}: cannot rebuild the model: {e}") from e
     load(model, path, threads=threads)
     return model

@@ -1,13 +1,16 @@
 //! `fastckpt._fastckpt.Job`: a handle on a write running in the background.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fastckpt_core::{Job, Result};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::to_py_err;
+
+/// How often a waiting thread checks for signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(50);
 
 #[pyclass(name = "Job", module = "fastckpt._fastckpt", frozen)]
 pub struct PyJob {
@@ -35,17 +38,34 @@ impl PyJob {
     /// Waits for the write to end, at most `timeout` seconds; returns whether it ended.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
-        let timeout = match timeout {
+        let deadline = match timeout {
             Some(t) if !(t >= 0.0 && t.is_finite()) => {
                 return Err(PyValueError::new_err(format!(
                     "timeout must be a non-negative number. Received: timeout={t}"
                 )))
             }
-            Some(t) => Some(Duration::from_secs_f64(t)),
+            Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
             None => None,
         };
-        let inner = self.inner.clone();
-        Ok(py.detach(move || inner.wait(timeout)))
+        // Wait in slices and let Python run its signal handlers between them: Ctrl-C
+        // interrupts the wait (the write goes on and ends on its own), where one long
+        // detached wait would hold the KeyboardInterrupt back until the write ended.
+        loop {
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(SIGNAL_SLICE),
+                None => SIGNAL_SLICE,
+            };
+            let inner = self.inner.clone();
+            if py.detach(move || inner.wait(Some(slice))) {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
     }
 
     /// Whether the write has ended (successfully or not).

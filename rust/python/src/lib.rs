@@ -257,6 +257,19 @@ fn _inject_fault(stage: Option<&str>) -> PyResult<()> {
     Ok(())
 }
 
+/// Test hook: sleep `ms` milliseconds before every payload write of later saves (0 turns
+/// it off), so a test can act while a save is surely in progress.
+#[pyfunction]
+fn _inject_delay(ms: u64) -> PyResult<()> {
+    if !io::fault::ENABLED {
+        return Err(PyValueError::new_err(
+            "this build of fastckpt has no fault injection",
+        ));
+    }
+    io::fault::set_delay(ms);
+    Ok(())
+}
+
 #[pymodule]
 fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJob>()?;
@@ -269,6 +282,7 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sweep_stale_temps, m)?)?;
     m.add_function(wrap_pyfunction!(is_temp_name, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
+    m.add_function(wrap_pyfunction!(_inject_delay, m)?)?;
     m.add("DEFAULT_THREADS", io::default_threads())?;
     m.add("FAULT_INJECTION", io::fault::ENABLED)?;
     let dtypes = PyDict::new(m.py());

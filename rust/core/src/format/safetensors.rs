@@ -326,6 +326,13 @@ fn parse_entry(
         .iter()
         .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
         .ok_or("shape overflows")?;
+    // An array whose nonzero dimensions multiply past isize::MAX bytes cannot exist in
+    // memory even when another dimension is zero (numpy refuses it): refuse the shape.
+    shape
+        .iter()
+        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d.max(1)))
+        .filter(|&n| n <= i64::MAX as u64)
+        .ok_or("shape overflows")?;
     if expected != end - begin {
         return Err(format!(
             "shape {shape:?} of {code} needs {expected} bytes, data_offsets give {}",
@@ -435,6 +442,13 @@ mod tests {
                 file(
                     r#"{"a":{"dtype":"U8","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,4]}}"#,
                     4,
+                ),
+                "overflows",
+            ),
+            (
+                file(
+                    r#"{"a":{"dtype":"U8","shape":[0,9223372036854775807,2],"data_offsets":[0,0]}}"#,
+                    0,
                 ),
                 "overflows",
             ),

@@ -61,7 +61,7 @@ pub fn write_file(
     }
     sweep_stale_temps(&dir);
     let temp = temp_path_for(target);
-    let result = write_temp(&temp, layout, tensors, opts).and_then(|len| {
+    let result = write_temp(&temp, target, layout, tensors, opts).and_then(|len| {
         commit(&temp, target, &dir)?;
         Ok(len)
     });
@@ -97,8 +97,11 @@ fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
     Ok(())
 }
 
+/// Errors name `target`, the file the caller asked for: the temp file is an implementation
+/// detail and is gone by the time the error is seen.
 fn write_temp(
     temp: &Path,
+    target: &Path,
     layout: &dyn Layout,
     tensors: &[Tensor],
     opts: &WriteOptions,
@@ -109,9 +112,9 @@ fn write_temp(
         .mode(0o666)
         .custom_flags(libc::O_CLOEXEC)
         .open(temp)
-        .map_err(|e| Error::io("create temp file", temp, e))?;
+        .map_err(|e| Error::io("create a temp file beside", target, e))?;
     let len = layout.file_len();
-    reserve(&file, len).map_err(|e| Error::io("reserve space for", temp, e))?;
+    reserve(&file, len).map_err(|e| Error::io("reserve space for", target, e))?;
 
     let slots = layout.slots();
     let items: Vec<(u64, usize)> = slots
@@ -121,6 +124,7 @@ fn write_temp(
     let pieces = plan_pieces(&items, true);
     let digests = Digests::new(layout.digest(), slots.len());
     run_pieces(&pieces, opts.threads, |piece| {
+        fault::delay();
         fault::check(Stage::Write)?;
         let bytes_of = |e: &super::parallel::Extent| {
             &tensors[slots[e.item].tensor].bytes()[e.start..e.start + e.len]
@@ -141,7 +145,7 @@ fn write_temp(
         }
         file.write_all_at(&buf, piece.offset)
     })
-    .map_err(|e| Error::io("write", temp, e))?;
+    .map_err(|e| Error::io("write", target, e))?;
 
     for region in layout.regions(&digests.finish())? {
         if region.offset + region.bytes.len() as u64 > len {
@@ -152,11 +156,11 @@ fn write_temp(
             )));
         }
         file.write_all_at(&region.bytes, region.offset)
-            .map_err(|e| Error::io("write", temp, e))?;
+            .map_err(|e| Error::io("write", target, e))?;
     }
     fault::check(Stage::Fsync)
         .and_then(|_| file.sync_data())
-        .map_err(|e| Error::io("fdatasync", temp, e))?;
+        .map_err(|e| Error::io("fdatasync the temp file of", target, e))?;
     Ok(len)
 }
 
