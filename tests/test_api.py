@@ -1,15 +1,16 @@
 """fastckpt.save / load / load_model against stock Keras as the oracle."""
 
 import os
+import re
 
 import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import assert_same_state, small_model
 from safetensors import safe_open
 
 import fastckpt
+from conftest import assert_same_state, small_model
 from fastckpt import CheckpointContentError, _walk
 
 
@@ -124,7 +125,9 @@ def test_dtype_mismatch_names_the_variable(tmp_path):
     b = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float32")])
     path = tmp_path / "d.safetensors"
     fastckpt.save(a, path)
-    with pytest.raises(CheckpointContentError, match="layers/dense/vars/0: the file holds float64"):
+    with pytest.raises(
+        CheckpointContentError, match=r"layers/dense/vars/0: the file holds float64"
+    ):
         fastckpt.load(b, path)
 
 
@@ -202,12 +205,12 @@ def test_a_model_with_ten_thousand_variables(tmp_path):
     ],
 )
 def test_bad_paths(tmp_path, trained_model, target, error, words):
-    with pytest.raises(error, match=words):
+    with pytest.raises(error, match=re.escape(words)):
         fastckpt.save(trained_model, target if "://" in target else tmp_path / target)
 
 
 def test_not_a_keras_model(tmp_path):
-    with pytest.raises(TypeError, match="fastckpt saves Keras models; got builtins.dict"):
+    with pytest.raises(TypeError, match=r"fastckpt saves Keras models; got builtins\.dict"):
         fastckpt.save({"w": np.ones(3)}, tmp_path / "x.safetensors")
 
 

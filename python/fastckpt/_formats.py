@@ -7,6 +7,7 @@ import os
 # Longest suffixes first: "x.weights.h5" is a weights file, "x.h5" a legacy full model.
 SUFFIXES: dict[str, str] = {
     ".weights.h5": "weights_h5",
+    ".weights.json": "weights_sharded",
     ".safetensors": "safetensors",
     ".keras": "keras",
     ".h5": "legacy_h5",

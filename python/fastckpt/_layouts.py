@@ -42,7 +42,7 @@ def weights_h5_nodes(plan: SavePlan, arrays: list[np.ndarray]) -> list[Node]:
     nodes: list[Node] = [
         (f"/{path}", None, [attr(k, v) for k, v in attrs.items()]) for path, attrs in plan.groups
     ]
-    for i, (entry, arr) in enumerate(zip(plan.entries, arrays)):
+    for i, (entry, arr) in enumerate(zip(plan.entries, arrays, strict=True)):
         attrs = [attr("dtype", "bfloat16")] if arr.dtype == ml_dtypes.bfloat16 else []
         nodes.append((f"/{entry.path}", i, attrs))
     return nodes

@@ -32,6 +32,7 @@ class TensorInfo:
     offset: int
     nbytes: int
     crc32c: int | None = None
+    file: str | None = None  # for sharded checkpoints: the shard holding it
 
 
 @dataclasses.dataclass
@@ -54,8 +55,7 @@ class Checkpoint:
     def read(self, names: list[str], *, threads: int | None = None) -> dict[str, np.ndarray]:
         """Reads the named tensors in parallel into fresh arrays, checking checksums."""
         out = {}
-        items = []
-        direct = []
+        by_file: dict[str, list[tuple[str, np.ndarray]]] = {}
         for name in names:
             info = self.tensors[name]
             if info.offset < 0:
@@ -64,17 +64,21 @@ class Checkpoint:
                 continue
             arr = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
             out[name] = arr
-            items.append((info.offset, arr))
-            direct.append(name)
-        sums = _fastckpt.read_into(self.path, items, threads=threads, crc32c=True)
-        for name, got in zip(direct, sums):
+            by_file.setdefault(info.file or self.path, []).append((name, arr))
+        for path, pairs in by_file.items():
+            items = [(self.tensors[name].offset, arr) for name, arr in pairs]
+            sums = _fastckpt.read_into(path, items, threads=threads, crc32c=True)
+            self._check_sums([name for name, _ in pairs], sums)
+        return out
+
+    def _check_sums(self, direct: list[str], sums: list[int]) -> None:
+        for name, got in zip(direct, sums, strict=True):
             want = self.tensors[name].crc32c
             if want is not None and want != got:
                 raise CheckpointContentError(
                     f"{self.path}: checksum mismatch for {name} (file says {want:08x}, data "
                     f"is {got:08x}): the file is corrupt"
                 )
-        return out
 
 
 def open_safetensors(path: str) -> Checkpoint:
@@ -135,6 +139,38 @@ def _h5_fallback(path: str, member: str | None) -> Callable[[str], np.ndarray]:
     return read
 
 
+def open_sharded(path: str) -> Checkpoint:
+    """A `.weights.json` index and its `_00000.weights.h5` shards, beside it."""
+    import json
+
+    with open(path, "rb") as f:
+        index = json.load(f)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointContentError(f"{path}: not a sharded weights index (no weight_map)")
+    shards: list[str] = []
+    for files in weight_map.values():
+        for name in files if isinstance(files, list) else [files]:
+            if (
+                not isinstance(name, str)
+                or os.path.basename(name) != name
+                or name in ("", ".", "..")
+            ):
+                raise CheckpointContentError(f"{path}: bad shard name {name!r} in the index")
+            if name not in shards:
+                shards.append(name)
+    folder = os.path.dirname(path)
+    tensors: dict[str, TensorInfo] = {}
+    for name in shards:
+        shard = os.path.join(folder, name)
+        with h5py.File(shard, "r") as f:
+            for key, info in _h5_tensors(f, 0, os.path.getsize(shard)).items():
+                if info.offset < 0:
+                    raise CheckpointContentError(f"{shard}: {key} is not stored contiguously")
+                tensors[key] = dataclasses.replace(info, file=shard)
+    return Checkpoint(path, tensors, {}, None)
+
+
 def open_weights_h5(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
         tensors = _h5_tensors(f, 0, os.path.getsize(path))
@@ -189,6 +225,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return open_safetensors(path)
     if fmt == "weights_h5":
         return open_weights_h5(path)
+    if fmt == "weights_sharded":
+        return open_sharded(path)
     if fmt == "keras":
         return open_keras(path)
     raise ValueError(f"{path} is a legacy full-model HDF5 file: it has no Keras weights tree")

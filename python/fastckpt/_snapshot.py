@@ -138,7 +138,7 @@ class _TensorFlowReader:
         self._dtypes = [np.dtype(_numpy_dtype(e.source.dtype)) for e in plan.entries]
         self._large = [
             int(np.prod(s, dtype=np.int64)) * d.itemsize >= LARGE_BYTES
-            for s, d in zip(self._shapes, self._dtypes)
+            for s, d in zip(self._shapes, self._dtypes, strict=True)
         ]
 
     def __call__(self) -> list[np.ndarray]:
@@ -146,7 +146,7 @@ class _TensorFlowReader:
         values = [read(handle, dtype) for handle, dtype in self._handles]
         out = []
         assert self.arena is not None
-        for i, (tensor, large) in enumerate(zip(values, self._large)):
+        for i, (tensor, large) in enumerate(zip(values, self._large, strict=True)):
             if large:
                 dest = self.arena.buffer(i, self._shapes[i], self._dtypes[i])
                 np.copyto(dest, _host_view(tensor).reshape(self._shapes[i]), casting="no")

@@ -40,6 +40,8 @@ class SavePlan:
 
     Attributes:
         groups: `(path, attrs)` of every `vars` group Keras would create, in creation order.
+        groups_at: for each group, how many entries had been stored when it was created
+            (the interleaving of groups and values, which sharding needs).
         entries: the stored values.
         dynamic: some value is not a variable (a layer's custom `save_own_variables`), so the
             plan cannot be reused and is walked again on every save.
@@ -47,6 +49,7 @@ class SavePlan:
     """
 
     groups: list[tuple[str, dict[str, str]]]
+    groups_at: list[int]
     entries: list[Entry]
     dynamic: bool
     fingerprint: tuple[int, ...]
@@ -57,8 +60,9 @@ class _CollectingStore(saving_lib.H5IOStore):
     """Stands where Keras expects an `H5IOStore` (it checks the type since 3.10) and
     records what would be written instead of writing it."""
 
-    def __init__(self) -> None:  # noqa: D107 - deliberately skips H5IOStore.__init__
+    def __init__(self) -> None:
         self.groups: list[tuple[str, dict[str, str]]] = []
+        self.groups_at: list[int] = []
         self.entries: list[Entry] = []
         self._group = ""
         self._made = False
@@ -71,11 +75,13 @@ class _CollectingStore(saving_lib.H5IOStore):
         self._made = bool(metadata)
         if metadata:
             self.groups.append((self._group, {str(k): str(v) for k, v in metadata.items()}))
+            self.groups_at.append(len(self.entries))
         return self
 
     def __setitem__(self, key, value):
         if not self._made:
             self.groups.append((self._group, {}))
+            self.groups_at.append(len(self.entries))
             self._made = True
         self.entries.append(Entry(self._group, str(key), value))
 
@@ -155,6 +161,7 @@ def walk(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
     dynamic = any(not isinstance(e.source, keras.Variable) for e in store.entries)
     return SavePlan(
         groups=store.groups,
+        groups_at=store.groups_at,
         entries=store.entries,
         dynamic=dynamic,
         fingerprint=fingerprint(model, include_optimizer),

@@ -14,9 +14,9 @@ import numpy as np
 from keras.src import backend
 from keras.src.saving import saving_lib
 
-from fastckpt import _fastckpt, _layouts, _readers
+from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
-from fastckpt._formats import format_for
+from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
@@ -47,7 +47,7 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(self, job: _fastckpt.Job, path: str, started: float) -> None:
+    def __init__(self, job: _fastckpt.Job | _sharding.ShardedJob, path: str, started: float):
         self._job = job
         self.path = path
         self._started = started
@@ -116,30 +116,43 @@ def start_write(
     weights_only: bool,
     threads: int | None,
     background: bool,
-) -> _fastckpt.Job:
+    format: str | None = None,
+    max_shard_size: float | None = None,
+) -> _fastckpt.Job | _sharding.ShardedJob:
     """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
-    fmt = format_for(path)
+    fmt = format or format_for(path)
+    if fmt == "weights_sharded":
+        if max_shard_size is None:
+            raise ValueError(
+                "Saving sharded weights (a `.weights.json` index) needs `max_shard_size` "
+                f"(in GB). Received: path={path!r}"
+            )
+        return _sharding.start_sharded_write(
+            plan, arrays, path, max_shard_size, threads=threads, background=background
+        )
+    if max_shard_size is not None:
+        raise ValueError(
+            "`max_shard_size` needs a path ending in `.weights.json` (the shards' index). "
+            f"Received: path={path!r}"
+        )
+    if fmt == "legacy_h5":
+        # Keras's own legacy saver lays out the tree (and reads the values itself);
+        # fastckpt writes it in parallel, atomically and durably.
+        nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
+        return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+    tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
     if fmt == "safetensors":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
         meta = _keras_metadata(model, weights_only)
         return _fastckpt.write_safetensors(
             path, tensors, meta, threads=threads, background=background
         )
+    nodes = _layouts.weights_h5_nodes(plan, arrays)
     if fmt == "weights_h5":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
-        nodes = _layouts.weights_h5_nodes(plan, arrays)
         return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
-    if fmt == "keras":
-        tensors = [(e.path, a) for e, a in zip(plan.entries, arrays)]
-        nodes = _layouts.weights_h5_nodes(plan, arrays)
-        before, after = _layouts.keras_zip_members(model)
-        return _fastckpt.write_keras(
-            path, tensors, nodes, before, after, threads=threads, background=background
-        )
-    # Legacy full-model .h5: Keras's own legacy saver lays out the tree (and reads the
-    # values); fastckpt writes it in parallel, atomically and durably.
-    nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
-    return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+    before, after = _layouts.keras_zip_members(model)
+    return _fastckpt.write_keras(
+        path, tensors, nodes, before, after, threads=threads, background=background
+    )
 
 
 def save(
@@ -151,6 +164,8 @@ def save(
     background: bool = False,
     threads: int | None = None,
     weights_only: bool = False,
+    format: str | None = None,
+    max_shard_size: float | None = None,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
@@ -167,13 +182,24 @@ def save(
         background: return a `SaveJob` as soon as the snapshot is taken.
         threads: writer threads (default: one per core, at most 8).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
+        max_shard_size: for a `.weights.json` path, split the weights into
+            `<stem>_00000.weights.h5`, ... shards of at most this many GB, exactly as
+            Keras's `save_weights(..., max_shard_size=...)` does, and write the index.
+        format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
+            `"legacy_h5"`, `"safetensors"`), e.g. Keras's quirk of writing a legacy full
+            model to `x.weights.h5` when `ModelCheckpoint(save_weights_only=False)`.
 
     Returns:
         A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
     """
     started = time.perf_counter()
     path = os.fspath(path)
-    format_for(path)
+    if format is None:
+        format_for(path)
+    elif format not in SUFFIXES.values():
+        raise ValueError(
+            f"Unknown format {format!r}; expected one of {sorted(set(SUFFIXES.values()))}"
+        )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
     snap = snapshot(plan)
@@ -185,6 +211,8 @@ def save(
         weights_only=weights_only,
         threads=threads,
         background=background,
+        format=format,
+        max_shard_size=max_shard_size,
     )
     snap.lend_to(job)
     handle = SaveJob(job, path, started)
@@ -286,7 +314,7 @@ class _ServingStore(saving_lib.H5IOStore):
     """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
     load their state themselves (custom `load_own_variables`)."""
 
-    def __init__(self, values: dict[str, np.ndarray]) -> None:  # noqa: D107
+    def __init__(self, values: dict[str, np.ndarray]) -> None:
         self._values = values
         self._group = "vars"
 
