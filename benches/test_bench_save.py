@@ -7,7 +7,6 @@ import pytest
 import fastckpt
 from fastckpt.bench import contenders, floors
 from fastckpt.bench.models import state_bytes
-from fastckpt.bench.throughput import host_copies
 
 SAVERS = [c for c in contenders.save_contenders() if c.available]
 
@@ -38,7 +37,7 @@ def test_floor_write_64mib(benchmark, model_64mib, target):
 
 
 def test_floor_memcpy_64mib(benchmark, model_64mib):
-    snap = floors.SnapshotFloor(host_copies(model_64mib))
+    snap = floors.SnapshotFloor(floors.state_views(model_64mib))
     benchmark.pedantic(snap, rounds=10, warmup_rounds=1)
 
 

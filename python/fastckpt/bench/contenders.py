@@ -34,6 +34,9 @@ class SaveContender:
         suffix: the file name suffix it writes.
         family: "fastckpt", "keras" or "other".
         save: `save(model, path) -> {"seconds": ..., ...}`, timed to durability.
+        extra_copies: host memory it takes beyond the model, in checkpoint sizes (fastckpt's
+            reused snapshot arena is counted once per model, not here), so that big cases
+            can skip what would not fit in this machine's memory.
     """
 
     name: str
@@ -42,6 +45,7 @@ class SaveContender:
     save: Callable[[keras.Model, str], Quantities]
     available: bool = True
     note: str = ""
+    extra_copies: float = 0.0
 
 
 def _durable_after(write: Callable[[], Any], path: str) -> Quantities:
@@ -82,7 +86,12 @@ def keras_save_weights() -> SaveContender:
         return _durable_after(lambda: model.save_weights(path), path)
 
     return SaveContender(
-        "keras model.save_weights", ".weights.h5", "keras", save, note="+ fsync by the bench"
+        "keras model.save_weights",
+        ".weights.h5",
+        "keras",
+        save,
+        note="+ fsync by the bench",
+        extra_copies=0.1,
     )
 
 
@@ -90,8 +99,14 @@ def keras_model_save(suffix: str = ".keras") -> SaveContender:
     def save(model: keras.Model, path: str) -> Quantities:
         return _durable_after(lambda: model.save(path), path)
 
+    # `.keras`: Keras builds the whole weights file in memory, then copies it into the zip.
     return SaveContender(
-        f"keras model.save({suffix})", suffix, "keras", save, note="+ fsync by the bench"
+        f"keras model.save({suffix})",
+        suffix,
+        "keras",
+        save,
+        note="+ fsync by the bench",
+        extra_copies=2.0 if suffix == ".keras" else 0.1,
     )
 
 
@@ -122,6 +137,7 @@ def safetensors_save_file() -> SaveContender:
         save,
         available=available,
         note="+ fsync by the bench" if available else "safetensors not installed",
+        extra_copies=1.0,
     )
 
 

@@ -15,7 +15,9 @@ import os
 import shutil
 import subprocess
 import time
+from typing import Any
 
+import keras
 import numpy as np
 
 CHUNK = 8 << 20
@@ -28,18 +30,51 @@ def touched(nbytes: int) -> np.ndarray:
     return buf
 
 
-class SnapshotFloor:
-    """Copies a list of host arrays into same-shaped buffers allocated (and touched) once."""
+def state_views(model: Any, include_optimizer: bool = True) -> list[np.ndarray]:
+    """The bytes of every variable a checkpoint holds, as host arrays: on TensorFlow (CPU),
+    zero-copy views of the variables' own buffers; elsewhere one host copy each."""
+    variables = list(model.variables)
+    if include_optimizer and getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    out = []
+    for v in variables:
+        view = None
+        if keras.backend.backend() == "tensorflow":
+            from tensorflow.python.ops import gen_resource_variable_ops
 
-    def __init__(self, sources: list[np.ndarray]) -> None:
+            from fastckpt._snapshot import _host_view
+
+            tf_var = v.value
+            try:
+                tensor = gen_resource_variable_ops.read_variable_op(tf_var.handle, tf_var.dtype)
+                view = _host_view(tensor).reshape(tuple(v.shape))
+            except (AttributeError, TypeError, ValueError):
+                view = None
+        out.append(view if view is not None else np.array(v.numpy(), copy=True))
+    return out
+
+
+class SnapshotFloor:
+    """Copies the state's arrays into host memory that was allocated and touched once (by
+    default a slice of `dest`, e.g. the write floor's buffer, so the floor costs no extra
+    memory): the least any snapshot on the training thread can cost."""
+
+    def __init__(self, sources: list[np.ndarray], dest: np.ndarray | None = None) -> None:
         self.sources = sources
-        self.dest = [np.ones_like(a) for a in sources]
         self.nbytes = sum(a.nbytes for a in sources)
+        if dest is None:
+            dest = touched(self.nbytes)
+        flat = dest.view(np.uint8).reshape(-1)
+        self.dest = []
+        at = 0
+        for a in sources:
+            self.dest.append(flat[at : at + a.nbytes].view(a.dtype).reshape(a.shape))
+            at += a.nbytes
 
     def __call__(self) -> float:
         start = time.perf_counter()
         for src, dst in zip(self.sources, self.dest, strict=True):
-            np.copyto(dst, src)
+            np.copyto(dst, src, casting="no")
         return time.perf_counter() - start
 
 

@@ -119,12 +119,13 @@ class TrainingSetup:
 
 
 def training_model(
-    weight_bytes: int, steps: int = 64, width: int = 2048, batch: int = 4, seed: int = 0
+    weight_bytes: int, steps: int = 64, width: int | None = None, batch: int = 4, seed: int = 0
 ) -> TrainingSetup:
-    """A Dense stack of about `weight_bytes` of float32 weights, compiled with Adam and
-    trained one step, so a checkpoint holds the weights and twice as much optimizer state
-    (about 3x `weight_bytes`)."""
+    """A Dense stack of about `weight_bytes` of float32 weights (layers of `width` units:
+    2048, or 1024 below 64 MiB), compiled with Adam and trained one step, so a checkpoint
+    holds the weights and twice as much optimizer state (about 3x `weight_bytes`)."""
     keras.utils.set_random_seed(seed)
+    width = width or (2048 if weight_bytes >= 64 * MIB else 1024)
     depth = max(1, round(weight_bytes / (4 * width * width)))
     layers = [keras.Input((width,))]
     layers += [keras.layers.Dense(width, name=f"dense_{i}") for i in range(depth)]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from fastckpt.bench import floors
+from fastckpt.bench import floors, machine
 from fastckpt.bench.contenders import SaveContender, fastckpt_save, save_contenders
 from fastckpt.bench.context import Context, file_bytes, remove
 from fastckpt.bench.measure import Stats, Trial, fmt_bytes, interleave
@@ -21,13 +21,6 @@ from fastckpt.bench.models import sized_model, state_bytes
 WRITE_FLOOR = "floor: write+fsync, 1 thread"
 DD_FLOOR = "floor: dd conv=fsync"
 SNAPSHOT_FLOOR = "floor: memcpy (snapshot)"
-
-
-def host_copies(model: keras.Model, include_optimizer: bool = True) -> list[np.ndarray]:
-    variables = list(model.variables)
-    if include_optimizer and getattr(model, "optimizer", None) is not None:
-        variables += list(model.optimizer.variables)
-    return [np.array(v.numpy(), copy=True) for v in variables]
 
 
 def floor_trials(ctx: Context, target: str, nbytes: int, buf: np.ndarray) -> list[Trial]:
@@ -92,15 +85,34 @@ def run_interleaved(
     ctx.clear(target)
 
 
+def available_memory() -> int:
+    return machine.memory_bytes().get("MemAvailable", 1 << 62)
+
+
+MARGIN = 1 << 30  # left free for the rest of the machine
+
+
 def run_sizes(ctx: Context) -> None:
     s = ctx.settings
     for size in s.sizes:
+        # The model, the floors' buffer and fastckpt's arena: three copies of the state.
+        if 3 * size + MARGIN > available_memory():
+            ctx.add(
+                "throughput",
+                "*",
+                fmt_bytes(size),
+                "all",
+                available=False,
+                note=f"skipped {fmt_bytes(size)}: needs ~{fmt_bytes(3 * size + MARGIN)} of "
+                f"memory, {fmt_bytes(available_memory())} available",
+            )
+            continue
         model = sized_model(size)
         nbytes = state_bytes(model)
         case = fmt_bytes(nbytes)
         extra = {"state_bytes": nbytes, "variables": len(model.variables)}
-        snap = floors.SnapshotFloor(host_copies(model))
         buf = floors.touched(nbytes)
+        snap = floors.SnapshotFloor(floors.state_views(model), buf)
         contenders = [
             c
             for c in save_contenders()
@@ -118,7 +130,24 @@ def run_sizes(ctx: Context) -> None:
             if i == 0:
                 trials.append(Trial(SNAPSHOT_FLOOR, snap))
                 first_save(ctx, "throughput", target, case, model, **extra)
-            trials += [contender_trial(ctx, target, model, c, "") for c in contenders]
+            # A file on tmpfs is memory too.
+            on_tmpfs = target == "tmpfs"
+            fits = []
+            for c in contenders:
+                need = int((c.extra_copies + on_tmpfs) * nbytes) + MARGIN
+                if need > available_memory():
+                    ctx.add(
+                        "throughput",
+                        target,
+                        case,
+                        c.name,
+                        family=c.family,
+                        available=False,
+                        note=f"skipped at {case}: needs ~{fmt_bytes(need)} more memory",
+                    )
+                else:
+                    fits.append(c)
+            trials += [contender_trial(ctx, target, model, c, "") for c in fits]
             run_interleaved(ctx, "throughput", target, case, trials, reps, families, extra)
         del model, snap, buf
         gc.collect()

@@ -19,7 +19,7 @@ from fastckpt.bench.contenders import TimedCallback, callback_contenders
 from fastckpt.bench.context import Context, remove
 from fastckpt.bench.measure import Stats, Trial, fmt_bytes, interleave
 from fastckpt.bench.models import TrainingSetup, state_bytes, training_model
-from fastckpt.bench.throughput import SNAPSHOT_FLOOR, first_save, host_copies
+from fastckpt.bench.throughput import SNAPSHOT_FLOOR, first_save
 
 NO_CALLBACK = "fit without a callback"
 
@@ -41,7 +41,7 @@ def run_stall(ctx: Context, setup: TrainingSetup) -> None:
     steps = s.stall_every * (s.stall_checkpoints + 1) - 1
     nbytes = state_bytes(setup.model)
     case = case_name(setup)
-    snap = floors.SnapshotFloor(host_copies(setup.model))
+    snap = floors.SnapshotFloor(floors.state_views(setup.model))
     contenders = callback_contenders(s.stall_formats)
     for c in contenders:
         if not c.available:

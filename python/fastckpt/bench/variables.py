@@ -19,7 +19,7 @@ from fastckpt.bench.contenders import (
 from fastckpt.bench.context import Context, remove
 from fastckpt.bench.measure import Trial, interleave, timed
 from fastckpt.bench.models import many_variables_model, state_bytes
-from fastckpt.bench.throughput import contender_trial, first_save, host_copies
+from fastckpt.bench.throughput import contender_trial, first_save
 
 FLOOR = "floor: memcpy + write+fsync, 1 thread"
 WALK = "fastckpt plan walk (first save only)"
@@ -47,8 +47,8 @@ def _one_count(ctx: Context, count: int, contenders: list, families: dict[str, s
     reps = ctx.settings.variable_reps
     model = many_variables_model(count)
     nbytes = state_bytes(model)
-    snap = floors.SnapshotFloor(host_copies(model))
     buf = floors.touched(nbytes)
+    snap = floors.SnapshotFloor(floors.state_views(model), buf)
     case = f"{count} variables"
     for i, target in enumerate(ctx.targets):
         path = ctx.path(target, "floor.bin")
