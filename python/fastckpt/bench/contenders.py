@@ -223,27 +223,16 @@ def callback_contenders(
         )
 
     for suffix in suffixes:
-        weights_only = suffix != ".keras"
-        if ours is not None:
-            out.append(
-                CallbackContender(
-                    "fastckpt ModelCheckpoint (background)",
-                    suffix,
-                    "fastckpt",
-                    fastckpt_cb(weights_only),
-                )
+        out.append(
+            CallbackContender(
+                "fastckpt ModelCheckpoint (background)",
+                suffix,
+                "fastckpt",
+                fastckpt_cb(suffix != ".keras"),
+                available=ours is not None,
+                note="" if ours is not None else "fastckpt.ModelCheckpoint is not in this build",
             )
-        else:
-            out.append(
-                CallbackContender(
-                    "fastckpt.save(background) callback",
-                    suffix,
-                    "fastckpt",
-                    BackgroundSaveEvery,
-                    note="fastckpt.ModelCheckpoint is not in this build: a minimal callback "
-                    "calling fastckpt.save(background=True) stands in",
-                )
-            )
+        )
     return out
 
 
@@ -257,7 +246,8 @@ class TimedCallback(keras.callbacks.Callback):
         super().__init__()
         self.inner = inner
         self.async_safe = getattr(inner, "async_safe", False)
-        self.seconds = 0.0
+        self.seconds = 0.0  # in every hook
+        self.end_seconds = 0.0  # in on_train_end: waiting for the last background save
 
     def set_model(self, model):
         super().set_model(model)
@@ -278,7 +268,9 @@ class TimedCallback(keras.callbacks.Callback):
         self._timed("on_train_begin", logs)
 
     def on_train_end(self, logs=None):
+        before = self.seconds
         self._timed("on_train_end", logs)
+        self.end_seconds += self.seconds - before
 
     def on_epoch_begin(self, epoch, logs=None):
         self._timed("on_epoch_begin", epoch, logs)
@@ -291,29 +283,3 @@ class TimedCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._timed("on_train_batch_end", batch, logs)
-
-
-class BackgroundSaveEvery(keras.callbacks.Callback):
-    """Stands in for `fastckpt.ModelCheckpoint` in builds without it: every `every` batches,
-    waits for the previous save, then starts `fastckpt.save(..., background=True)`; waits
-    for the last one when training ends."""
-
-    def __init__(self, path: str, every: int) -> None:
-        super().__init__()
-        self.path, self.every = path, every
-        self._job: Any = None
-        self._batches = 0
-
-    def _wait(self) -> None:
-        if self._job is not None:
-            self._job.result()
-            self._job = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._batches += 1
-        if self._batches % self.every == 0:
-            self._wait()
-            self._job = fastckpt.save(self.model, self.path, background=True)
-
-    def on_train_end(self, logs=None):
-        self._wait()

@@ -29,16 +29,14 @@ def _series(idx: Index, section: str, target: str) -> dict[str, list[dict]]:
 
 
 def draw_stall(ax, idx: Index, target: str) -> bool:
-    recs = [r for r in idx.select("stall", target) if "stall" in r["quantities"]]
+    recs = [r for r in idx.select("stall", target) if "blocked" in r["quantities"]]
     if not recs:
         return False
     names = [r["contender"] for r in recs]
-    values = [max(median(r, "stall") or 0.0, 1e-4) for r in recs]
-    lo = [
-        max(v - max(r["quantities"]["stall"]["min"], 1e-4), 0)
-        for v, r in zip(values, recs, strict=True)
-    ]
-    hi = [max(r["quantities"]["stall"]["max"] - v, 0) for v, r in zip(values, recs, strict=True)]
+    q = [r["quantities"]["blocked"] for r in recs]
+    values = [max(x["median"], 1e-4) for x in q]
+    lo = [max(v - max(x["min"], 1e-4), 0) for v, x in zip(values, q, strict=True)]
+    hi = [max(x["max"] - v, 0) for v, x in zip(values, q, strict=True)]
     colors = [_color(r, i) for i, r in enumerate(recs)]
     ax.barh(names, values, xerr=[lo, hi], color=colors)
     floor = median(idx.find("stall", None, None, lambda r: r["contender"] == SNAPSHOT_FLOOR))
@@ -46,7 +44,7 @@ def draw_stall(ax, idx: Index, target: str) -> bool:
         ax.axvline(floor, color="black", ls="--", lw=1, label="snapshot floor (memcpy)")
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
-    ax.set_xlabel("stall per checkpoint (s, log)")
+    ax.set_xlabel("training blocked per checkpoint (s, log)")
     ax.set_title(f"Stall per checkpoint ({target})", fontsize=9)
     ax.invert_yaxis()
     ax.tick_params(labelsize=7)

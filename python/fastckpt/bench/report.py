@@ -126,12 +126,14 @@ def stall_section(idx: Index) -> list[str]:
         "## Stall per checkpoint",
         "",
         f"{some['case']}; `fit` of {some['steps']} steps, a checkpoint every "
-        f"{some['save_every']} steps ({some['checkpoints']} per fit). *Stall* = (fit with the "
-        "callback − fit without) / checkpoints, paired round by round: what training loses, "
-        "including steps slowed by a background write, but as noisy as two whole `fit`s. "
-        "*Blocked* = time `fit` spent inside the callback's hooks / checkpoints, timed "
-        "directly: the training thread's wait, with little noise. Snapshot floor (memcpy of "
-        f"the whole state into touched memory): {fmt_time(floor)}. `fit` without a callback: "
+        f"{some['save_every']} steps ({some['checkpoints']} per fit). *Blocked*: time `fit` "
+        "spent inside the callback's hooks, per checkpoint, timed directly (the snapshot, and "
+        "any wait for the previous save to finish). *End wait*: time `on_train_end` waited "
+        "for the last background save, once per `fit`. *Fit difference*: (fit with the "
+        "callback − fit without) / checkpoints, paired round by round, performance.md's "
+        "definition, which also counts steps slowed by a background write but is as noisy as "
+        f"two whole `fit`s. Snapshot floor (memcpy of the whole state into touched memory): "
+        f"{fmt_time(floor)}. `fit` without a callback: "
         + ", ".join(f"{t} {cell(base[t])}" for t in targets)
         + ".",
         "",
@@ -139,15 +141,20 @@ def stall_section(idx: Index) -> list[str]:
     rows = []
     for name in _contenders(idx, "stall"):
         r0 = idx.named("stall", None, None, name)
-        if r0 is None or "stall" not in r0["quantities"]:
+        if r0 is None or "blocked" not in r0["quantities"]:
             continue
         row = [name]
         for t in targets:
             r = idx.named("stall", t, None, name)
-            row += [cell(r, "stall"), cell(r, "blocked"), ratio(median(r, "blocked"), floor)]
+            row += [
+                cell(r, "blocked"),
+                ratio(median(r, "blocked"), floor),
+                cell(r, "end_of_fit_wait"),
+                cell(r, "stall"),
+            ]
         rows.append(row)
     head = ["contender"] + [
-        x for t in targets for x in (f"{t}: stall", "blocked", "blocked x floor")
+        x for t in targets for x in (f"{t}: blocked", "x floor", "end wait", "fit difference")
     ]
     first = idx.find(
         "stall", None, None, lambda r: r["contender"].endswith("first save of a model)")
@@ -155,7 +162,7 @@ def stall_section(idx: Index) -> list[str]:
     tail = []
     if first is not None:
         tail = [
-            f"The model's first fastckpt save (walk + fresh snapshot arena, once per model): "
+            "The model's first fastckpt save (walk + fresh snapshot arena, once per model): "
             f"{cell(first)}.",
             "",
         ]
