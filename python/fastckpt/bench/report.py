@@ -156,13 +156,12 @@ def stall_section(idx: Index) -> list[str]:
     head = ["contender"] + [
         x for t in targets for x in (f"{t}: blocked", "x floor", "end wait", "fit difference")
     ]
-    first = idx.find(
-        "stall", None, None, lambda r: r["contender"].endswith("first save of a model)")
-    )
+    first = idx.find("stall", None, None, lambda r: "first save of a model" in r["contender"])
     tail = []
     if first is not None:
         tail = [
-            "The model's first fastckpt save (walk + fresh snapshot arena, once per model): "
+            "The model's first fastckpt background save (walk + fresh snapshot arena, once per "
+            "model, waited for): "
             f"{cell(first)}.",
             "",
         ]
