@@ -87,7 +87,7 @@ class Snapshotter:
         self.plan = plan
         self._arenas: list[_Arena] = []
         self._lock = threading.Lock()
-        self._read: Callable[[_Arena], list[np.ndarray]] | None = None
+        self._read: Callable[[_Arena | None], list[np.ndarray]] | None = None
         if backend.backend() == "tensorflow" and not plan.dynamic:
             self._read = _TensorFlowReader(plan)
 
@@ -102,9 +102,11 @@ class Snapshotter:
             arena.job = _Reserved()
             return arena
 
-    def take(self) -> Snapshot:
+    def take(self, hold: bool = False) -> Snapshot:
         if self._read is None:
             return Snapshot([to_host(e.source) for e in self.plan.entries], None)
+        if hold:
+            return Snapshot(self._read(None), None)
         arena = self._arena_for_next()
         try:
             return Snapshot(self._read(arena), arena)
@@ -160,12 +162,16 @@ class _TensorFlowReader:
             for s, d in zip(self._shapes, self._dtypes, strict=True)
         ]
 
-    def __call__(self, arena: _Arena) -> list[np.ndarray]:
+    def __call__(self, arena: _Arena | None) -> list[np.ndarray]:
         read = self._read_op
         values = [read(handle, dtype) for handle, dtype in self._handles]
         out = []
         for i, (tensor, large) in enumerate(zip(values, self._large, strict=True)):
-            if large:
+            if large and arena is None:
+                # Held, not copied: the read tensor keeps the buffer alive and unchanged
+                # (TensorFlow copies a variable's buffer on write while it is referenced).
+                out.append(_host_view(tensor).reshape(self._shapes[i]))
+            elif large:
                 dest = arena.buffer(i, self._shapes[i], self._dtypes[i])
                 np.copyto(dest, _host_view(tensor).reshape(self._shapes[i]), casting="no")
                 out.append(dest)
@@ -194,6 +200,14 @@ def snapshotter_for(plan: SavePlan) -> Snapshotter:
     return snap
 
 
-def snapshot(plan: SavePlan) -> Snapshot:
-    """Host arrays of every value in the plan, in plan order."""
-    return snapshotter_for(plan).take()
+def snapshot(plan: SavePlan, *, hold: bool = False) -> Snapshot:
+    """Host arrays of every value in the plan, in plan order.
+
+    With `hold` (for a save that blocks its caller until the file is written), large
+    TensorFlow variables are lent as views of their own buffers instead of copied into the
+    arena: no copy and no arena memory, and since training cannot step before the save
+    returns and drops the views, no copy-on-write lands on the next step either. A
+    background save must not hold: the next step would pay that copy (README, "Choosing
+    the snapshot").
+    """
+    return snapshotter_for(plan).take(hold)

@@ -212,7 +212,8 @@ def save(
         )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    snap = snapshot(plan)
+    # A synchronous save blocks the caller until written: lend the variables' own buffers.
+    snap = snapshot(plan, hold=not background)
     handed_off = time.perf_counter()
     try:
         job = start_write(

@@ -1,16 +1,130 @@
-"""The `fastckpt` command: `fastckpt verify PATH...`, `fastckpt inspect PATH`.
+"""The `fastckpt` command: `verify`, `inspect` and `bench` (each registers the same way).
 
-Each subcommand is one function taking its parsed arguments and returning the exit status,
-so more subcommands slot in beside these.
+Heavy imports (Keras, TensorFlow) happen inside the subcommands, so `fastckpt --help` is
+instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import sys
+from collections.abc import Sequence
+
+# Benchmarks run with the BLAS library's own CPU detection (docs: performance.md).
+_BENCH_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def _verify(args: argparse.Namespace) -> int:
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from fastckpt.bench.settings import SECTIONS
+
+    p = sub.add_parser(
+        "bench",
+        help="compare fastckpt with Keras, safetensors and the I/O floors on this machine",
+        description="Runs the benchmark in the current folder and writes results.json, "
+        "results.md and PNG plots to --out. The default run takes about 10-15 minutes on 2 "
+        "cores; --quick about 2; --full adds 4 GiB checkpoints and 20,000 variables.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, few rounds (~2 min)")
+    size.add_argument("--full", action="store_true", help="up to 4 GiB and 20,000 variables")
+    p.add_argument("--out", default="bench-results", help="results folder (default: %(default)s)")
+    p.add_argument(
+        "--disk",
+        default=None,
+        help="folder on a real file system for the disk target (default: inside --out)",
+    )
+    p.add_argument(
+        "--tmpfs",
+        default="/dev/shm",
+        help="folder on tmpfs for the in-memory target (default: %(default)s; 'none' skips it)",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="SECTION",
+        help=f"run only these sections (repeatable or comma-separated): {', '.join(SECTIONS)}",
+    )
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if any(k in os.environ for k in _BENCH_UNSET):
+        env = {k: v for k, v in os.environ.items() if k not in _BENCH_UNSET}
+        os.execve(sys.executable, [sys.executable, "-m", "fastckpt.cli", *argv], env)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from fastckpt.bench.runner import Options, main_exit_code, run
+    from fastckpt.bench.settings import SECTIONS
+
+    sections: list[str] = []
+    for item in args.only or []:
+        sections += [s.strip() for s in item.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        print(
+            f"fastckpt bench: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}",
+            file=sys.stderr,
+        )
+        return 2
+    opts = Options(
+        mode="quick" if args.quick else "full" if args.full else "default",
+        out=args.out,
+        disk=args.disk,
+        tmpfs=None if args.tmpfs.lower() == "none" else args.tmpfs,
+        sections=tuple(sections) or SECTIONS,
+        plots=not args.no_plots,
+        command="fastckpt " + shlex.join(argv),
+    )
+    return main_exit_code(run(opts))
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="list a checkpoint's tensors: name, dtype, shape, bytes",
+        description="Lists the tensors of a .safetensors, .weights.h5, .keras or legacy .h5 "
+        "checkpoint without loading a model.",
+    )
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=_inspect)
+
+
+def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from fastckpt.inspection import describe
+
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(
+        f"{info['path']}: {info['format']}, {info['file_bytes']:,} bytes, "
+        f"{len(info['tensors'])} tensors, {info['tensor_bytes']:,} bytes of tensors"
+        + (", with model config" if info["has_model_config"] else "")
+    )
+    width = max((len(t["name"]) for t in info["tensors"]), default=4)
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"])) or "scalar"
+        print(f"  {t['name']:<{width}}  {t['dtype']:<8}  {shape:<16}  {t['bytes']:>14,}")
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check a checkpoint's structure and checksums",
+        description="Exit status: 0 every file is sound, 1 some file is damaged, 2 some file "
+        "cannot be read at all.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fastckpt.verify import verify
 
     status = 0
@@ -27,38 +141,18 @@ def _verify(args: argparse.Namespace) -> int:
     return status
 
 
-def _inspect(args: argparse.Namespace) -> int:
-    from fastckpt import _readers
-
-    try:
-        checkpoint = _readers.open_checkpoint(args.path, legacy=True)
-    except (OSError, ValueError) as e:
-        print(f"{args.path}: cannot open: {e}", file=sys.stderr)
-        return 2
-    total = sum(t.nbytes for t in checkpoint.tensors.values())
-    print(f"{args.path}: {len(checkpoint.tensors)} tensors, {total} bytes")
-    for key, value in checkpoint.metadata.items():
-        shown = value if len(value) <= 60 else f"{value[:57]}..."
-        print(f"  meta {key} = {shown}")
-    if checkpoint.model_config is not None:
-        print(f"  model config: {len(checkpoint.model_config)} characters of JSON")
-    for name, t in checkpoint.tensors.items():
-        print(f"  {name}  {t.dtype}{list(t.shape)}  {t.nbytes} bytes")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0 ok, 1 damaged, 2 unreadable)."""
-    parser = argparse.ArgumentParser(prog="fastckpt", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    verify = commands.add_parser("verify", help="check structure and checksums")
-    verify.add_argument("paths", nargs="+", metavar="PATH")
-    verify.set_defaults(run=_verify)
-    inspect = commands.add_parser("inspect", help="list tensors and metadata")
-    inspect.add_argument("path", metavar="PATH")
-    inspect.set_defaults(run=_inspect)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fastckpt` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="fastckpt", description="Durable, fast, background checkpoints for Keras."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_verify(sub)
+    _add_inspect(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
-    return args.run(args)
+    return args.handler(args, argv)
 
 
 if __name__ == "__main__":

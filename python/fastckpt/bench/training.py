@@ -1,0 +1,186 @@
+"""What training feels: the stall per checkpoint, and the step time while a write runs.
+
+Stall (performance.md, "What users feel" 1): the same `fit` of `steps` batches with and
+without a checkpoint callback, interleaved; (with - without) / checkpoints, paired round by
+round. The schedule saves every `every` steps and runs `every - 1` more after the last
+save, so a background writer has time to finish before `fit` returns (if it has not, the
+wait at the end of `fit` is part of the stall, as a user would feel it).
+
+A whole `fit` varies by more than a background checkpoint costs on a shared 2-core machine,
+so the callback is also timed directly: *blocked* is the time `fit` spent inside its hooks
+per checkpoint (the snapshot, and any wait for the previous save), *end-of-fit wait* the
+time `on_train_end` waited for the last save (once per `fit`, however long the run).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import fastckpt
+from fastckpt import _fastckpt
+from fastckpt.bench import floors
+from fastckpt.bench.contenders import TimedCallback, callback_contenders
+from fastckpt.bench.context import Context, remove
+from fastckpt.bench.measure import Stats, Trial, fmt_bytes, interleave
+from fastckpt.bench.models import TrainingSetup, state_bytes, training_model
+from fastckpt.bench.throughput import SNAPSHOT_FLOOR, first_save
+
+NO_CALLBACK = "fit without a callback"
+
+
+def make_setup(ctx: Context) -> TrainingSetup:
+    s = ctx.settings
+    steps = s.stall_every * (s.stall_checkpoints + 1)
+    return training_model(s.stall_weight_bytes, steps=max(steps, 64))
+
+
+def case_name(setup: TrainingSetup) -> str:
+    nbytes = state_bytes(setup.model)
+    weights = state_bytes(setup.model, include_optimizer=False)
+    return f"{fmt_bytes(weights)} weights + Adam = {fmt_bytes(nbytes)}"
+
+
+def run_stall(ctx: Context, setup: TrainingSetup) -> None:
+    s = ctx.settings
+    steps = s.stall_every * (s.stall_checkpoints + 1) - 1
+    nbytes = state_bytes(setup.model)
+    case = case_name(setup)
+    snap = floors.SnapshotFloor(floors.state_views(setup.model))
+    contenders = callback_contenders(s.stall_formats)
+    for c in contenders:
+        if not c.available:
+            ctx.add("stall", "*", case, c.label, family=c.family, available=False, note=c.note)
+    contenders = [c for c in contenders if c.available]
+    extra = {
+        "state_bytes": nbytes,
+        "steps": steps,
+        "checkpoints": s.stall_checkpoints,
+        "save_every": s.stall_every,
+    }
+    families = {c.label: c.family for c in contenders}
+    notes = {c.label: c.note for c in contenders}
+    for i, target in enumerate(ctx.targets):
+        if i == 0:  # the first fit of a model and its first fastckpt save are one-time costs
+            setup.fit(s.stall_every)
+            first_save(ctx, "stall", target, case, setup.model, **extra)
+        trials = [Trial(NO_CALLBACK, lambda: _timed_fit(setup, steps, None))]
+        if i == 0:
+            trials.append(Trial(SNAPSHOT_FLOOR, snap))
+        for c in contenders:
+            path = ctx.path(target, f"cb{c.suffix}" if c.suffix else "orbax")
+            trials.append(
+                Trial(
+                    c.label,
+                    lambda c=c, path=path: _timed_fit(
+                        setup, steps, TimedCallback(c.make(path, s.stall_every))
+                    ),
+                    cleanup=lambda path=path: remove(path),
+                )
+            )
+        ctx.progress.say(
+            f"stall: {case} on {target}: {len(trials)} contenders x {s.stall_reps} rounds, "
+            f"{steps} steps, {s.stall_checkpoints} checkpoints per fit"
+        )
+        results = interleave(
+            trials,
+            s.stall_reps,
+            on_rep=lambda r: ctx.progress.say(f"  round {r + 1}/{s.stall_reps} done"),
+        )
+        base = results[NO_CALLBACK]["seconds"].runs
+        for name, stats in results.items():
+            if name in families:
+                runs = stats["seconds"].runs
+                stall = [(w - b) / s.stall_checkpoints for w, b in zip(runs, base, strict=True)]
+                blocked = [b / s.stall_checkpoints for b in stats["blocked"].runs]
+                stats = {**stats, "stall": Stats(stall), "blocked": Stats(blocked)}
+            ctx.add(
+                "stall",
+                target,
+                case,
+                name,
+                stats,
+                family=families.get(name, "floor" if name == SNAPSHOT_FLOOR else "baseline"),
+                note=notes.get(name, ""),
+                **extra,
+            )
+        ctx.clear(target)
+    del snap
+    gc.collect()
+
+
+def _timed_fit(setup: TrainingSetup, steps: int, callback: TimedCallback | None) -> dict:
+    start = time.perf_counter()
+    setup.fit(steps, [callback] if callback is not None else None)
+    out = {"seconds": time.perf_counter() - start}
+    if callback is not None:
+        out["blocked"] = callback.seconds - callback.end_seconds
+        out["end_of_fit_wait"] = callback.end_seconds
+    return out
+
+
+def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
+    """Step times with no write running, and while a background `fastckpt.save` runs.
+
+    Rounds alternate: a window of steps with nothing running, then a background save and
+    steps until it is done. Each step is timed alone (`train_on_batch`). Run with the
+    default writer threads and with one, since on a small machine the writers and the
+    training step share the cores."""
+    s = ctx.settings
+    case = case_name(setup)
+    nbytes = state_bytes(setup.model)
+    for i in range(3):  # warm up the step
+        setup.step(i)
+    for target in ctx.targets:
+        for threads in (_fastckpt.DEFAULT_THREADS, 1):
+            stats = _slowdown_rounds(ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads)
+            n = stats["step_during_write"].runs if "step_during_write" in stats else []
+            ctx.progress.say(
+                f"slowdown: {case} on {target}, {threads} writer thread(s): {len(n)} steps "
+                f"during {s.slowdown_saves} writes"
+            )
+            ctx.add(
+                "slowdown",
+                target,
+                case,
+                f"fastckpt .weights.h5 (background, {threads} thread{'s' if threads > 1 else ''})",
+                stats,
+                family="fastckpt",
+                state_bytes=nbytes,
+                threads=threads,
+            )
+        ctx.clear(target)
+
+
+def _slowdown_rounds(ctx: Context, setup: TrainingSetup, path: str, threads: int) -> dict:
+    quiet: list[float] = []
+    during: list[float] = []
+    blocked: list[float] = []
+    write: list[float] = []
+    i = 0
+    window = 4
+    for _ in range(ctx.settings.slowdown_saves):
+        gc.collect()
+        for _ in range(window):
+            t = time.perf_counter()
+            setup.step(i)
+            quiet.append(time.perf_counter() - t)
+            i += 1
+        start = time.perf_counter()
+        job = fastckpt.save(setup.model, path, background=True, threads=threads)
+        blocked.append(time.perf_counter() - start)
+        steps = 0
+        while not job.done():
+            t = time.perf_counter()
+            setup.step(i)
+            during.append(time.perf_counter() - t)
+            i += 1
+            steps += 1
+        job.result()
+        write.append(time.perf_counter() - start)
+        remove(path)
+        window = max(4, steps)
+    stats = {"step_quiet": Stats(quiet), "blocked": Stats(blocked), "write": Stats(write)}
+    if during:
+        stats["step_during_write"] = Stats(during)
+    return stats

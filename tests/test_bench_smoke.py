@@ -1,0 +1,135 @@
+"""`fastckpt bench --quick` end to end, and `fastckpt inspect`: files and keys, never times."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fastckpt
+from conftest import small_model
+from fastckpt.cli import main
+
+PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fastckpt.__file__)))
+
+
+def _run_cli(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHON_DIR, env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "fastckpt.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    disk = tmp_path_factory.mktemp("bench-disk")
+    tmpfs = "/dev/shm" if os.path.isdir("/dev/shm") else "none"
+    done = _run_cli(
+        "bench", "--quick", "--out", str(out), "--disk", str(disk), "--tmpfs", tmpfs, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "results.json") as f:
+        return out, json.load(f), done.stdout
+
+
+def test_quick_bench_writes_json_markdown_and_plots(quick_run):
+    out, results, stdout = quick_run
+    for name in ("results.json", "results.md", "summary.png", "stall.png", "throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[" in stdout and "throughput:" in stdout  # progress lines with elapsed time
+    assert results["mode"] == "quick"
+    assert results["errors"] == {}
+    assert not [p for p in os.listdir(out) if p.startswith("fastckpt-bench-")]  # scratch removed
+
+
+def test_quick_bench_records_the_machine(quick_run):
+    _, results, _ = quick_run
+    m = results["machine"]
+    assert m["cpus"] >= 1 and m["cpu_model"]
+    assert m["memory"]["MemTotal"] > 0
+    for lib in ("keras", "tensorflow", "numpy", "h5py", "safetensors", "fastckpt"):
+        assert lib in m["libraries"]
+    assert m["targets"]["disk"]["fstype"]
+    assert set(results["section_seconds"]) == {
+        "throughput",
+        "threads",
+        "variables",
+        "stall",
+        "slowdown",
+        "load",
+        "memory",
+    }
+
+
+def test_quick_bench_has_every_contender(quick_run):
+    _, results, _ = quick_run
+    by_section: dict[str, set[str]] = {}
+    for r in results["records"]:
+        by_section.setdefault(r["section"], set()).add(r["contender"])
+        assert {"target", "case", "quantities", "available", "note"} <= set(r)
+        for q in r["quantities"].values():
+            assert {"median", "min", "max", "n", "runs"} <= set(q)
+    assert {
+        "fastckpt .weights.h5",
+        "fastckpt .keras",
+        "fastckpt .safetensors",
+        "fastckpt .weights.h5 (background)",
+        "keras model.save_weights",
+        "keras model.save(.keras)",
+        "safetensors.numpy.save_file",
+        "floor: write+fsync, 1 thread",
+        "floor: memcpy (snapshot)",
+    } <= by_section["throughput"]
+    stall = by_section["stall"]
+    assert {"fit without a callback", "keras ModelCheckpoint .weights.h5"} <= stall
+    assert "keras ModelCheckpoint .keras" in stall
+    assert any(c.startswith("fastckpt") and c.endswith(".weights.h5") for c in stall)
+    # Orbax is either measured or listed as not installed, never a failure.
+    orbax = [r for r in results["records"] if r["contender"] == "keras OrbaxCheckpoint"]
+    assert orbax and all(r["available"] or "not installed" in r["note"] for r in orbax)
+    assert "keras model.load_weights(.weights.h5)" in by_section["load"]
+    assert "fastckpt.load(.weights.h5)" in by_section["load"]
+    assert by_section["memory"] and by_section["slowdown"] and by_section["variables"]
+    targets = {r["target"] for r in results["records"]} - {"*"}
+    assert "disk" in targets
+
+
+def test_quick_bench_checks_the_targets(quick_run):
+    out, results, _ = quick_run
+    rows = results["targets"]
+    assert rows and all({"target", "where", "goal", "value", "met"} <= set(r) for r in rows)
+    assert any(r["target"].startswith("stall per checkpoint") for r in rows)
+    text = (out / "results.md").read_text()
+    assert "## Targets" in text and "## Stall per checkpoint" in text
+
+
+def test_inspect_lists_tensors(tmp_path, capsys):
+    model = small_model()
+    path = tmp_path / "m.safetensors"
+    fastckpt.save(model, path)
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "layers/dense/vars/0" in text and "float32" in text
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "safetensors" and info["has_model_config"]
+    kernel = next(t for t in info["tensors"] if t["name"] == "layers/dense/vars/0")
+    assert kernel["shape"] == [4, 3] and kernel["bytes"] == 48
+
+
+def test_inspect_reads_keras_files(tmp_path, capsys):
+    model = small_model()
+    model.save_weights(tmp_path / "k.weights.h5")
+    model.save(tmp_path / "k.keras")
+    for name in ("k.weights.h5", "k.keras"):
+        assert main(["inspect", "--json", str(tmp_path / name)]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert any(t["name"] == "layers/dense/vars/0" for t in info["tensors"])
