@@ -106,6 +106,7 @@ def test_sigkill_at_random_moments_never_tears_a_checkpoint_long(forkserver, tmp
     _run(forkserver, tmp_path, kills_per_format=55, seed=int(time.time()))
 
 
+@pytest.mark.slow  # about Keras, not fastckpt, and timing-dependent: opt-in, not in CI
 def test_keras_save_weights_under_the_same_harness(forkserver, tmp_path):
     """The comparison figure: Keras's own `save_weights` writes the target in place (h5py
     truncates it first), so kills during its saves leave files that hold neither state."""
