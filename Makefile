@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml
 	    pytest-benchmark matplotlib
 	touch $(STAMP)
 
+# h5dump/h5diff (oracles), strace (durability order), R + reticulate (the R keras test).
 system-deps:
-	@command -v h5dump >/dev/null && command -v strace >/dev/null || { \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q hdf5-tools strace; }
+	@command -v h5dump >/dev/null && command -v strace >/dev/null && command -v Rscript >/dev/null \
+	    && Rscript -e 'library(reticulate)' >/dev/null 2>&1 || { \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        hdf5-tools strace r-base-core r-cran-reticulate; }
 
 # The extension, built in place (python/fastckpt/_fastckpt.abi3.so, with the test-only fault
 # injection switch), and python/ put on the venv's path. `pip install .` builds the wheel.
@@ -39,8 +42,8 @@ test-rust:
 	cargo test -q --workspace --exclude fastckpt-python
 
 test-python: dev system-deps
-	$(VENV)/bin/ruff check python tests benches
-	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/ruff check python tests benches examples
+	$(VENV)/bin/ruff format --check python tests benches examples
 	$(VPY) -m pytest -q
 
 test: $(STAMP) system-deps test-rust test-python

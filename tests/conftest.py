@@ -18,10 +18,9 @@ settings.register_profile("long", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def small_model(seed: int = 0) -> keras.Model:
-    """Input(4) -> Dense(3) -> BatchNormalization -> Dense(2, name="head"), Adam, trained one
-    epoch so the optimizer has its slot variables."""
-    keras.utils.set_random_seed(seed)
+def small_architecture() -> keras.Model:
+    """Input(4) -> Dense(3) -> BatchNormalization -> Dense(2, name="head"), compiled with
+    Adam, not trained (the optimizer has no slot variables yet)."""
     model = keras.Sequential(
         [
             keras.Input((4,)),
@@ -31,6 +30,13 @@ def small_model(seed: int = 0) -> keras.Model:
         ]
     )
     model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+def small_model(seed: int = 0) -> keras.Model:
+    """`small_architecture()` trained one epoch, so the optimizer has its slot variables."""
+    keras.utils.set_random_seed(seed)
+    model = small_architecture()
     x = np.random.default_rng(seed).normal(size=(16, 4)).astype("float32")
     model.fit(x, x[:, :2], epochs=1, batch_size=8, verbose=0)
     return model

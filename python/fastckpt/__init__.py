@@ -10,12 +10,14 @@ _check_keras_version()
 
 from fastckpt._errors import CheckpointContentError, CheckpointError  # noqa: E402
 from fastckpt.api import SaveJob, SaveResult, load, load_model, save  # noqa: E402
+from fastckpt.callbacks import ModelCheckpoint  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointContentError",
     "CheckpointError",
+    "ModelCheckpoint",
     "SaveJob",
     "SaveResult",
     "load",

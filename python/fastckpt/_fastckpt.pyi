@@ -4,11 +4,13 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from typing_extensions import final
 
 DEFAULT_THREADS: int
 FAULT_INJECTION: bool
 DTYPES: dict[str, int]
 
+@final
 class Job:
     def wait(self, timeout: float | None = None) -> bool: ...
     def done(self) -> bool: ...
@@ -23,6 +25,30 @@ def write_safetensors(
     threads: int | None = None,
     background: bool = False,
 ) -> Job: ...
+
+_Attr = tuple[str, str, object]
+_Node = tuple[str, int | None, Sequence[_Attr]]
+
+def write_hdf5(
+    path: str | os.PathLike[str],
+    tensors: Sequence[tuple[str, np.ndarray]],
+    nodes: Sequence[_Node],
+    *,
+    threads: int | None = None,
+    background: bool = False,
+) -> Job: ...
+def write_keras(
+    path: str | os.PathLike[str],
+    tensors: Sequence[tuple[str, np.ndarray]],
+    nodes: Sequence[_Node],
+    before: Sequence[tuple[str, bytes]],
+    after: Sequence[tuple[str, bytes]],
+    *,
+    weights_name: str = "model.weights.h5",
+    threads: int | None = None,
+    background: bool = False,
+) -> Job: ...
+def write_bytes(path: str | os.PathLike[str], data: bytes, *, background: bool = False) -> Job: ...
 def read_into(
     path: str | os.PathLike[str],
     items: Sequence[tuple[int, np.ndarray]],

@@ -49,17 +49,34 @@ def weights_h5_nodes(plan: SavePlan, arrays: list[np.ndarray]) -> list[Node]:
 
 
 def keras_zip_members(
-    model: keras.Model,
+    model: keras.Model, plan: SavePlan
 ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     """The members around `model.weights.h5` in a `.keras` file: metadata and config
     before it, `assets/...` after it, as `saving_lib.save_model` writes them."""
     config_json, metadata_json = saving_lib._serialize_model_as_json(model)
     before = [("metadata.json", metadata_json.encode()), ("config.json", config_json.encode())]
-    return before, _assets(model)
+    # Keras walks the whole model for assets on every save (most of the cost of a small
+    # model's pause); only objects with `save_assets` ever write any, and which objects
+    # those are changes only with the plan, so a plan without any skips the walk.
+    if plan.has_assets is False:
+        return before, []
+    assets, asked = _assets(model)
+    plan.has_assets = asked
+    return before, assets
 
 
-def _assets(model: keras.Model) -> list[tuple[str, bytes]]:
-    store = saving_lib.DiskIOStore("assets", mode="w")
+class _AssetStore(saving_lib.DiskIOStore):
+    """Keras's asset store, noting whether any object asked for a folder."""
+
+    asked = False
+
+    def make(self, path):
+        self.asked = True
+        return super().make(path)
+
+
+def _assets(model: keras.Model) -> tuple[list[tuple[str, bytes]], bool]:
+    store = _AssetStore("assets", mode="w")
     try:
         saving_lib._save_state(model, None, store, "", set())
         files = []
@@ -69,7 +86,7 @@ def _assets(model: keras.Model) -> list[tuple[str, bytes]]:
                 rel = os.path.relpath(full, store.working_dir).replace(os.sep, "/")
                 with open(full, "rb") as f:
                     files.append((f"assets/{rel}", f.read()))
-        return sorted(files)
+        return sorted(files), store.asked
     finally:
         store.close()
 

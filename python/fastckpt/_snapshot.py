@@ -15,6 +15,7 @@ reused once the job it was lent to has finished.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -54,9 +55,17 @@ class _Arena:
         return buf
 
 
+class _Reserved:
+    """Holds an arena between the snapshot and the hand-off to a write job."""
+
+    @staticmethod
+    def done() -> bool:
+        return False
+
+
 class Snapshot:
-    """Host arrays for one save, in plan order. `lend_to(job)` marks the buffers busy
-    until that job is done."""
+    """Host arrays for one save, in plan order. Its arena stays reserved until `lend_to(job)`
+    (then busy until that job is done) or `release()` (the save never started)."""
 
     def __init__(self, arrays: list[np.ndarray], arena: _Arena | None) -> None:
         self.arrays = arrays
@@ -66,6 +75,10 @@ class Snapshot:
         if self._arena is not None:
             self._arena.job = job
 
+    def release(self) -> None:
+        if self._arena is not None:
+            self._arena.job = None
+
 
 class Snapshotter:
     """Takes snapshots of one plan, reusing what it can between saves."""
@@ -73,24 +86,31 @@ class Snapshotter:
     def __init__(self, plan: SavePlan) -> None:
         self.plan = plan
         self._arenas: list[_Arena] = []
-        self._read: Callable[[], list[np.ndarray]] | None = None
+        self._lock = threading.Lock()
+        self._read: Callable[[_Arena], list[np.ndarray]] | None = None
         if backend.backend() == "tensorflow" and not plan.dynamic:
-            self._read = _TensorFlowReader(plan, self._arena_for_next)
+            self._read = _TensorFlowReader(plan)
 
     def _arena_for_next(self) -> _Arena:
-        for arena in self._arenas:
-            if arena.free():
-                return arena
-        arena = _Arena()
-        self._arenas.append(arena)
-        return arena
+        """A free arena, reserved for the caller (saves from several threads never share
+        one); a new one only when every arena is still lent to a running write."""
+        with self._lock:
+            arena = next((a for a in self._arenas if a.free()), None)
+            if arena is None:
+                arena = _Arena()
+                self._arenas.append(arena)
+            arena.job = _Reserved()
+            return arena
 
     def take(self) -> Snapshot:
         if self._read is None:
             return Snapshot([to_host(e.source) for e in self.plan.entries], None)
         arena = self._arena_for_next()
-        self._read.arena = arena  # type: ignore[attr-defined]
-        return Snapshot(self._read(), arena)
+        try:
+            return Snapshot(self._read(arena), arena)
+        except BaseException:
+            arena.job = None
+            raise
 
 
 class _DLPack:
@@ -127,11 +147,10 @@ class _TensorFlowReader:
     through the eager fast path costs ~14 us, an order of magnitude below Keras's path.
     """
 
-    def __init__(self, plan: SavePlan, arena_for_next: Callable[[], _Arena]) -> None:
+    def __init__(self, plan: SavePlan) -> None:
         from tensorflow.python.ops import gen_resource_variable_ops
 
         self._read_op = gen_resource_variable_ops.read_variable_op
-        self.arena: _Arena | None = None
         tf_vars = [e.source.value for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
@@ -141,14 +160,13 @@ class _TensorFlowReader:
             for s, d in zip(self._shapes, self._dtypes, strict=True)
         ]
 
-    def __call__(self) -> list[np.ndarray]:
+    def __call__(self, arena: _Arena) -> list[np.ndarray]:
         read = self._read_op
         values = [read(handle, dtype) for handle, dtype in self._handles]
         out = []
-        assert self.arena is not None
         for i, (tensor, large) in enumerate(zip(values, self._large, strict=True)):
             if large:
-                dest = self.arena.buffer(i, self._shapes[i], self._dtypes[i])
+                dest = arena.buffer(i, self._shapes[i], self._dtypes[i])
                 np.copyto(dest, _host_view(tensor).reshape(self._shapes[i]), casting="no")
                 out.append(dest)
             else:

@@ -54,6 +54,8 @@ class SavePlan:
     dynamic: bool
     fingerprint: tuple[int, ...]
     include_optimizer: bool
+    # Whether some object saves assets (`.keras` only); None until the first `.keras` save.
+    has_assets: bool | None = None
 
 
 class _CollectingStore(saving_lib.H5IOStore):

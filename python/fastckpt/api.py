@@ -17,6 +17,7 @@ from keras.src.saving import saving_lib
 from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import SUFFIXES, format_for
+from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot
 from fastckpt._walk import SavePlan, plan_for
 
@@ -47,10 +48,19 @@ class SaveJob:
     path, complete and durable, only when the job has succeeded.
     """
 
-    def __init__(self, job: _fastckpt.Job | _sharding.ShardedJob, path: str, started: float):
+    def __init__(
+        self,
+        job: _fastckpt.Job | _sharding.ShardedJob,
+        path: str,
+        started: float,
+        handed_off: float | None = None,
+    ):
         self._job = job
         self.path = path
         self._started = started
+        # Walk + snapshot time; the writer reports its own duration, so a result collected
+        # late does not count the time nobody was waiting.
+        self._before_write = (started if handed_off is None else handed_off) - started
 
     def wait(self, timeout: float | None = None) -> bool:
         """Blocks until the save ends or `timeout` seconds pass; returns whether it ended."""
@@ -68,9 +78,9 @@ class SaveJob:
         """
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        paths, nbytes, _ = self._job.result()
+        paths, nbytes, write_seconds = self._job.result()
         paths = tuple(os.fspath(p) for p in paths)
-        seconds = time.perf_counter() - self._started
+        seconds = self._before_write + write_seconds
         return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -149,7 +159,7 @@ def start_write(
     nodes = _layouts.weights_h5_nodes(plan, arrays)
     if fmt == "weights_h5":
         return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
-    before, after = _layouts.keras_zip_members(model)
+    before, after = _layouts.keras_zip_members(model, plan)
     return _fastckpt.write_keras(
         path, tensors, nodes, before, after, threads=threads, background=background
     )
@@ -203,19 +213,24 @@ def save(
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
     snap = snapshot(plan)
-    job = start_write(
-        model,
-        path,
-        plan,
-        snap.arrays,
-        weights_only=weights_only,
-        threads=threads,
-        background=background,
-        format=format,
-        max_shard_size=max_shard_size,
-    )
+    handed_off = time.perf_counter()
+    try:
+        job = start_write(
+            model,
+            path,
+            plan,
+            snap.arrays,
+            weights_only=weights_only,
+            threads=threads,
+            background=background,
+            format=format,
+            max_shard_size=max_shard_size,
+        )
+    except BaseException:
+        snap.release()
+        raise
     snap.lend_to(job)
-    handle = SaveJob(job, path, started)
+    handle = SaveJob(job, path, started, handed_off)
     return handle if background else handle.result()
 
 
@@ -294,8 +309,7 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
     if plan.dynamic:
         _load_through_keras(model, plan, values)
     else:
-        for name, entry in wanted.items():
-            entry.source.assign(values[name])
+        assign_all(list(wanted.values()), [values[name] for name in wanted])
 
 
 def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:

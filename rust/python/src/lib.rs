@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use fastckpt_core::format::zip::{self, Member, ZipOptions};
 use fastckpt_core::format::{hdf5, safetensors};
 use fastckpt_core::io::{self, ReadItem, WriteOptions};
-use fastckpt_core::Digest;
 use fastckpt_core::PlannedFile;
+use fastckpt_core::{Digest, Layout, Tensor};
 use numpy::PyUntypedArray;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -35,6 +35,23 @@ fn write_options(threads: Option<usize>) -> PyResult<WriteOptions> {
     }
 }
 
+/// Runs stages 5-6 for a planned file: on a writer thread when `background`, else here,
+/// detached from the interpreter either way. The job owns the tensors (and so the arrays).
+fn start_write<L: Layout + 'static>(
+    py: Python<'_>,
+    path: PathBuf,
+    layout: L,
+    tensors: Vec<Tensor>,
+    opts: WriteOptions,
+    background: bool,
+) -> PyJob {
+    let work = move || {
+        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
+        Ok((vec![path], bytes))
+    };
+    PyJob::start(py, work, background)
+}
+
 /// Writes a SafeTensors file; returns a job (already finished unless `background`).
 #[pyfunction]
 #[pyo3(signature = (path, tensors, metadata, *, threads=None, background=false))]
@@ -49,11 +66,7 @@ fn write_safetensors(
     let tensors = tensors_from_py(tensors)?;
     let opts = write_options(threads)?;
     let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(py, &e))?;
-    let work = move || {
-        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
-        Ok((vec![path], bytes))
-    };
-    Ok(PyJob::start(py, work, background))
+    Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
 /// Writes an HDF5 file (`.weights.h5`, legacy `.h5`) from a tree of groups and datasets.
@@ -71,11 +84,7 @@ fn write_hdf5(
     let nodes = nodes_from_py(nodes)?;
     let opts = write_options(threads)?;
     let layout = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
-    let work = move || {
-        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
-        Ok((vec![path], bytes))
-    };
-    Ok(PyJob::start(py, work, background))
+    Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
 /// Writes a Keras `.keras` zip in one pass: the `before` members, then `weights_name`
@@ -110,11 +119,7 @@ fn write_keras(
         .collect();
     let layout =
         zip::plan(members, &tensors, &ZipOptions::default()).map_err(|e| to_py_err(py, &e))?;
-    let work = move || {
-        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
-        Ok((vec![path], bytes))
-    };
-    Ok(PyJob::start(py, work, background))
+    Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
 /// Writes `data` to `path` durably and atomically (temp file, fdatasync, rename, folder
@@ -130,11 +135,14 @@ fn write_bytes(py: Python<'_>, path: PathBuf, data: Vec<u8>, background: bool) -
         }],
         slots: Vec::new(),
     };
-    let work = move || {
-        let bytes = io::write_file(&path, &layout, &[], &WriteOptions { threads: 1 })?;
-        Ok((vec![path], bytes))
-    };
-    Ok(PyJob::start(py, work, background))
+    Ok(start_write(
+        py,
+        path,
+        layout,
+        Vec::new(),
+        WriteOptions { threads: 1 },
+        background,
+    ))
 }
 
 /// Reads `(offset, array)` items in parallel into the arrays (C-contiguous, writable);
