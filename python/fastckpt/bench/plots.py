@@ -20,6 +20,13 @@ def _color(record: dict, i: int) -> Any:
     return base or "gray"
 
 
+def _line_style(record: dict, i: int) -> dict[str, Any]:
+    """Floors are dashed black lines; contenders take their family's colour."""
+    if record["family"] == "floor":
+        return {"ls": "--", "color": "black"}
+    return {"color": _color(record, i)}
+
+
 def _series(idx: Index, section: str, target: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in idx.select(section, target):
@@ -60,9 +67,7 @@ def draw_throughput(ax, idx: Index, target: str) -> bool:
         if not pts or name == SNAPSHOT_FLOOR:
             continue
         xs, ys = zip(*sorted(pts), strict=True)
-        style = {"ls": "--", "color": "black"} if recs[0]["family"] == "floor" else {}
-        if not style:
-            style["color"] = _color(recs[0], i)
+        style = _line_style(recs[0], i)
         ax.plot([x / 2**20 for x in xs], ys, marker="o", ms=3, label=name, **style)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("checkpoint size (MiB)")
@@ -81,9 +86,7 @@ def draw_variables(ax, idx: Index, target: str) -> bool:
         if not pts:
             continue
         xs, ys = zip(*pts, strict=True)
-        style = {"ls": "--", "color": "black"} if recs[0]["family"] == "floor" else {}
-        if not style:
-            style["color"] = _color(recs[0], i)
+        style = _line_style(recs[0], i)
         ax.plot(xs, ys, marker="o", ms=3, label=name, **style)
     ax.set_xscale("log")
     ax.set_yscale("log")
