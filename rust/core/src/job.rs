@@ -46,6 +46,7 @@ impl Job {
         let spawned = std::thread::Builder::new()
             .name("fastckpt-writer".into())
             .spawn(move || {
+                crate::io::lower_priority();
                 let outcome = work()
                     .map(|(paths, bytes)| WriteReport {
                         paths,

@@ -128,13 +128,26 @@ where
     } else {
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(worker);
+                s.spawn(|| {
+                    lower_priority();
+                    worker()
+                });
             }
         });
     }
     match first_error.into_inner().unwrap() {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Gives the calling thread a lower CPU priority (nice +10), so that writer threads yield
+/// the cores to training when both want them and use whatever is idle otherwise. Only
+/// threads fastckpt spawned call it, never the caller's own thread. Best effort.
+pub(crate) fn lower_priority() {
+    // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }
 }
 
