@@ -134,6 +134,22 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_thread_yields_to_training() {
+        // SAFETY: plain syscalls reading the calling thread's nice value.
+        let caller = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let job = Job::spawn(|| {
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            Ok((vec![], nice as u64))
+        });
+        job.wait(None);
+        assert_eq!(
+            job.outcome().unwrap().unwrap().bytes as i32,
+            (caller + 10).min(19)
+        );
+        assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, caller);
+    }
+
+    #[test]
     fn wait_times_out_while_running() {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let job = Job::spawn(move || {

@@ -141,13 +141,14 @@ where
     }
 }
 
-/// Gives the calling thread a lower CPU priority (nice +10), so that writer threads yield
+/// Lowers the calling thread's CPU priority by 10 nice levels (at most 19), so that writer threads yield
 /// the cores to training when both want them and use whatever is idle otherwise. Only
 /// threads fastckpt spawned call it, never the caller's own thread. Best effort.
 pub(crate) fn lower_priority() {
-    // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
+    // SAFETY: plain syscalls; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
     unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
+        libc::setpriority(libc::PRIO_PROCESS, 0, (now + 10).min(19));
     }
 }
 
