@@ -69,6 +69,21 @@ fn write_safetensors(
     Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
+/// Converts the arrays and the tree, and plans the HDF5 file (a whole file, or the weights
+/// member of a `.keras` zip).
+fn plan_hdf5(
+    py: Python<'_>,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    nodes: Vec<PyNode<'_>>,
+    threads: Option<usize>,
+) -> PyResult<(Vec<Tensor>, PlannedFile, WriteOptions)> {
+    let tensors = tensors_from_py(tensors)?;
+    let nodes = nodes_from_py(nodes)?;
+    let opts = write_options(threads)?;
+    let planned = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
+    Ok((tensors, planned, opts))
+}
+
 /// Writes an HDF5 file (`.weights.h5`, legacy `.h5`) from a tree of groups and datasets.
 #[pyfunction]
 #[pyo3(signature = (path, tensors, nodes, *, threads=None, background=false))]
@@ -80,10 +95,7 @@ fn write_hdf5(
     threads: Option<usize>,
     background: bool,
 ) -> PyResult<PyJob> {
-    let tensors = tensors_from_py(tensors)?;
-    let nodes = nodes_from_py(nodes)?;
-    let opts = write_options(threads)?;
-    let layout = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
+    let (tensors, layout, opts) = plan_hdf5(py, tensors, nodes, threads)?;
     Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
@@ -103,10 +115,7 @@ fn write_keras(
     threads: Option<usize>,
     background: bool,
 ) -> PyResult<PyJob> {
-    let tensors = tensors_from_py(tensors)?;
-    let nodes = nodes_from_py(nodes)?;
-    let opts = write_options(threads)?;
-    let weights = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
+    let (tensors, weights, opts) = plan_hdf5(py, tensors, nodes, threads)?;
     let bytes_member = |(name, data): (String, Vec<u8>)| Member::Bytes { name, data };
     let members: Vec<Member> = before
         .into_iter()
