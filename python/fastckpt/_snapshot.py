@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from keras.src import backend
 
+from fastckpt._readers import numpy_dtype
 from fastckpt._walk import SavePlan
 
 # Variables at least this large are copied into the reused arena; smaller ones are
@@ -159,7 +160,9 @@ class _TensorFlowReader:
         tf_vars = [e.source.value for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
-        self._dtypes = [np.dtype(_numpy_dtype(e.source.dtype)) for e in plan.entries]
+        self._dtypes = [
+            numpy_dtype(backend.standardize_dtype(e.source.dtype)) for e in plan.entries
+        ]
         self._large = [
             int(np.prod(s, dtype=np.int64)) * d.itemsize >= LARGE_BYTES
             for s, d in zip(self._shapes, self._dtypes, strict=True)
@@ -181,15 +184,6 @@ class _TensorFlowReader:
             else:
                 out.append(np.asarray(tensor.numpy(), order="C"))
         return out
-
-
-def _numpy_dtype(dtype: Any) -> Any:
-    name = backend.standardize_dtype(dtype)
-    if name == "bfloat16":
-        import ml_dtypes
-
-        return ml_dtypes.bfloat16
-    return name
 
 
 _snapshotters: weakref.WeakKeyDictionary[SavePlan, Snapshotter] = weakref.WeakKeyDictionary()
