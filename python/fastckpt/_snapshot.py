@@ -32,6 +32,9 @@ from fastckpt._walk import SavePlan
 # Variables at least this large are copied into the reused arena; smaller ones are
 # gathered into one buffer per dtype.
 LARGE_BYTES = 256 << 10
+# Arena buffers start on a page, so the writer can send them to disk with direct I/O
+# without going through a bounce buffer.
+PAGE = 4096
 
 
 def to_host(value: Any) -> np.ndarray:
@@ -53,10 +56,18 @@ class _Arena:
     def buffer(self, index: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         buf = self.buffers.get(index)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = np.empty(shape, dtype)
+            buf = _page_aligned(shape, dtype)
             buf.fill(0)  # touch the pages now, once, not during a later snapshot
             self.buffers[index] = buf
         return buf
+
+
+def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a page boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + PAGE, np.uint8)
+    skip = -raw.ctypes.data % PAGE
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 class _Reserved:

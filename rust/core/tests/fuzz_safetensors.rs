@@ -125,7 +125,7 @@ fn write_seeds() -> Vec<Vec<u8>> {
             let path = dir.path().join(format!("s{i}.safetensors"));
             let meta = BTreeMap::from([("format".to_string(), "keras".to_string())]);
             let layout = safetensors::plan(&tensors, meta).unwrap();
-            write_file(&path, &layout, &tensors, &WriteOptions { threads: 1 }).unwrap();
+            write_file(&path, &layout, &tensors, &WriteOptions::with_threads(1)).unwrap();
             std::fs::read(path).unwrap()
         })
         .collect()

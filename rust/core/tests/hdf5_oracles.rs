@@ -83,7 +83,7 @@ fn oracle(args: &[&str]) -> String {
 
 fn write(path: &Path, nodes: &[Node], tensors: &[Tensor]) {
     let layout = plan(nodes, tensors).unwrap();
-    write_file(path, &layout, tensors, &WriteOptions { threads: 2 }).unwrap();
+    write_file(path, &layout, tensors, &WriteOptions::with_threads(2)).unwrap();
 }
 
 // ------------------------------------------------------------------------------ manifests
@@ -409,7 +409,7 @@ fn twenty_thousand_datasets_in_one_group() {
     let start = Instant::now();
     let layout = plan(&nodes, &tensors).unwrap();
     let planned = start.elapsed();
-    write_file(&file, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
+    write_file(&file, &layout, &tensors, &WriteOptions::with_threads(2)).unwrap();
     eprintln!(
         "planned {n} datasets in {planned:?} (this build's profile; see the report for release)"
     );

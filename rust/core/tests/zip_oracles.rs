@@ -226,7 +226,13 @@ fn bytes_and_planned_members_with_several_threads() {
     let layout = zip::plan(members, &tensors, &opts(4096)).unwrap();
     for threads in [1, 2, 4] {
         let path = dir.path().join(format!("t{threads}.keras"));
-        let len = write_file(&path, &layout, &tensors, &WriteOptions { threads }).unwrap();
+        let len = write_file(
+            &path,
+            &layout,
+            &tensors,
+            &WriteOptions::with_threads(threads),
+        )
+        .unwrap();
         assert_eq!(len, std::fs::metadata(&path).unwrap().len());
         let report = check_with_zipfile(
             dir.path(),
@@ -278,7 +284,7 @@ fn byte_members_match_zipfile_byte_for_byte() {
         })
         .collect();
     let layout = zip::plan(members, &[], &opts(4096)).unwrap();
-    write_file(&ours, &layout, &[], &WriteOptions { threads: 2 }).unwrap();
+    write_file(&ours, &layout, &[], &WriteOptions::with_threads(2)).unwrap();
     assert!(
         std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
         "our zip differs from zipfile.writestr's"
@@ -307,7 +313,7 @@ fn many_members_use_the_zip64_end_records() {
     let layout = zip::plan(members, &[], &opts(64)).unwrap();
     assert!(layout.is_zip64());
     let path = dir.path().join("many.zip");
-    write_file(&path, &layout, &[], &WriteOptions { threads: 2 }).unwrap();
+    write_file(&path, &layout, &[], &WriteOptions::with_threads(2)).unwrap();
     check_with_zipfile(
         dir.path(),
         json!({"zip": path, "testzip": true, "members": expected}),
@@ -423,7 +429,7 @@ fn sparse_zip64_case(len: u64, full: bool) {
     let layout = zip::plan(members, &tensors, &opts(4096)).unwrap();
     assert!(layout.is_zip64());
     let path = dir.path().join("big.keras");
-    write_file(&path, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
+    write_file(&path, &layout, &tensors, &WriteOptions::with_threads(2)).unwrap();
 
     let pieces: Vec<Value> = big_pieces
         .iter()
@@ -553,7 +559,7 @@ fn h5py_reads_weights_embedded_in_our_zip() {
     ];
     let layout = zip::plan(members, &tensors, &opts(4096)).unwrap();
     let path = dir.path().join("weights.keras");
-    write_file(&path, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
+    write_file(&path, &layout, &tensors, &WriteOptions::with_threads(2)).unwrap();
     let out = run_python(&[
         oracle("keras_zip.py").to_str().unwrap(),
         "check-h5",
@@ -594,7 +600,7 @@ fn keras_load_model_reads_our_zip_of_a_keras_made_model() {
         .collect();
     let layout = zip::plan(members, &tensors, &ZipOptions::default()).unwrap();
     let path = dir.path().join("ours.keras");
-    write_file(&path, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
+    write_file(&path, &layout, &tensors, &WriteOptions::with_threads(2)).unwrap();
     let out = run_python(&[
         oracle("keras_zip.py").to_str().unwrap(),
         "load-keras",

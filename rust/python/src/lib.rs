@@ -30,7 +30,7 @@ fn write_options(threads: Option<usize>) -> PyResult<WriteOptions> {
         Some(0) => Err(PyValueError::new_err(
             "threads must be at least 1. Received: threads=0",
         )),
-        Some(n) => Ok(WriteOptions { threads: n }),
+        Some(n) => Ok(WriteOptions::with_threads(n)),
         None => Ok(WriteOptions::default()),
     }
 }
@@ -149,7 +149,7 @@ fn write_bytes(py: Python<'_>, path: PathBuf, data: Vec<u8>, background: bool) -
         path,
         layout,
         Vec::new(),
-        WriteOptions { threads: 1 },
+        WriteOptions::with_threads(1),
         background,
     ))
 }

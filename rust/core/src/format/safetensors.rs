@@ -372,7 +372,7 @@ mod tests {
         let tensors = sample();
         let meta = BTreeMap::from([("format".to_string(), "keras".to_string())]);
         let layout = plan(&tensors, meta).unwrap();
-        write_file(&path, &layout, &tensors, &WriteOptions { threads: 2 }).unwrap();
+        write_file(&path, &layout, &tensors, &WriteOptions::with_threads(2)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(
             (8 + header_len(&path, &bytes, bytes.len() as u64).unwrap()) % 8,

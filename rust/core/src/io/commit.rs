@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::direct::{self, DirectFile};
 use super::fault::{self, Stage};
 use super::parallel::{plan_pieces, run_pieces, Digests};
 use super::temp::{sweep_stale_temps, temp_path_for};
@@ -18,12 +19,26 @@ use crate::tensor::Tensor;
 pub struct WriteOptions {
     /// Writer threads for the payloads (at least 1).
     pub threads: usize,
+    /// Write the page-aligned middle of large payloads with `O_DIRECT` where the
+    /// filesystem supports it (see `direct.rs`). Default: on, unless `FASTCKPT_DIRECT_IO=0`.
+    pub direct_io: bool,
+}
+
+impl WriteOptions {
+    /// The defaults, with `threads` writer threads.
+    pub fn with_threads(threads: usize) -> Self {
+        WriteOptions {
+            threads,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
             threads: super::default_threads(),
+            direct_io: direct::enabled_by_env(),
         }
     }
 }
@@ -123,6 +138,11 @@ fn write_temp(
         .collect();
     let pieces = plan_pieces(&items, true);
     let digests = Digests::new(layout.digest(), slots.len());
+    let direct = if opts.direct_io {
+        DirectFile::open(temp)
+    } else {
+        None
+    };
     run_pieces(&pieces, opts.threads, |piece| {
         fault::delay();
         fault::check(Stage::Write)?;
@@ -131,7 +151,10 @@ fn write_temp(
         };
         if let [e] = piece.extents.as_slice() {
             let bytes = bytes_of(e);
-            file.write_all_at(bytes, e.offset)?;
+            match &direct {
+                Some(d) => d.write_all_at(&file, bytes, e.offset)?,
+                None => file.write_all_at(bytes, e.offset)?,
+            }
             digests.record(e.item, e.start, bytes);
             return Ok(());
         }

@@ -2,6 +2,7 @@
 //! folder fsync; and the parallel positioned reads that loading uses.
 
 mod commit;
+mod direct;
 pub mod fault;
 mod parallel;
 mod read;
