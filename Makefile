@@ -7,6 +7,10 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+# The benchmark's environment: everything in .venv, plus orbax-checkpoint (and the JAX it
+# needs) for Keras's OrbaxCheckpoint, kept out of the test environment.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYO3_PYTHON := $(abspath $(VPY))
@@ -51,11 +55,18 @@ test: $(STAMP) system-deps test-rust test-python
 demo: dev
 	$(VPY) examples/demo.py
 
-bench: dev
-	$(VENV)/bin/fastckpt bench
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m venv $(BENCH_VENV)
+	echo "import site; site.addsitedir('$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')')" \
+	    > "$$($(BENCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/fastckpt-venv.pth"
+	$(BENCH_VENV)/bin/python -m pip install -q "orbax-checkpoint>=0.12,<0.13"
+	touch $(BENCH_STAMP)
 
-bench-quick: dev
-	$(VENV)/bin/fastckpt bench --quick
+bench: dev $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m fastckpt.cli bench
+
+bench-quick: dev $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python -m fastckpt.cli bench --quick
 
 clean:
-	rm -rf target $(VENV) python/fastckpt/*.so
+	rm -rf target $(VENV) $(BENCH_VENV) python/fastckpt/*.so

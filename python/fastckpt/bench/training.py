@@ -14,7 +14,9 @@ time `on_train_end` waited for the last save (once per `fit`, however long the r
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 
 import fastckpt
@@ -22,6 +24,7 @@ from fastckpt import _fastckpt
 from fastckpt.bench import floors
 from fastckpt.bench.contenders import TimedCallback, callback_contenders
 from fastckpt.bench.context import Context, remove
+from fastckpt.bench.machine import filesystem
 from fastckpt.bench.measure import Stats, Trial, fmt_bytes, interleave
 from fastckpt.bench.models import TrainingSetup, state_bytes, training_model
 from fastckpt.bench.throughput import SNAPSHOT_FLOOR, first_save
@@ -125,31 +128,58 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
     Rounds alternate: a window of steps with nothing running, then a background save and
     steps until it is done. Each step is timed alone (`train_on_batch`). Run with the
     default writer threads and with one, since on a small machine the writers and the
-    training step share the cores."""
+    training step share the cores; and, where the target has direct I/O (not tmpfs), once
+    more with it switched off (`FASTCKPT_DIRECT_IO=0`) to show what the page cache costs."""
     s = ctx.settings
     case = case_name(setup)
     nbytes = state_bytes(setup.model)
     for i in range(3):  # warm up the step
         setup.step(i)
     for target in ctx.targets:
-        for threads in (_fastckpt.DEFAULT_THREADS, 1):
-            stats = _slowdown_rounds(ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads)
+        variants = [(_fastckpt.DEFAULT_THREADS, True), (1, True)]
+        if filesystem(ctx.targets[target])["fstype"] != "tmpfs":
+            variants.append((_fastckpt.DEFAULT_THREADS, False))
+        for threads, direct in variants:
+            with _direct_io(direct):
+                stats = _slowdown_rounds(
+                    ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads
+                )
             n = stats["step_during_write"].runs if "step_during_write" in stats else []
+            how = f"{threads} writer thread(s)" + ("" if direct else ", buffered")
             ctx.progress.say(
-                f"slowdown: {case} on {target}, {threads} writer thread(s): {len(n)} steps "
+                f"slowdown: {case} on {target}, {how}: {len(n)} steps "
                 f"during {s.slowdown_saves} writes"
             )
+            label = f"{threads} thread{'s' if threads > 1 else ''}"
+            if not direct:
+                label += ", buffered: FASTCKPT_DIRECT_IO=0"
             ctx.add(
                 "slowdown",
                 target,
                 case,
-                f"fastckpt .weights.h5 (background, {threads} thread{'s' if threads > 1 else ''})",
+                f"fastckpt .weights.h5 (background, {label})",
                 stats,
                 family="fastckpt",
                 state_bytes=nbytes,
                 threads=threads,
+                direct_io=direct,
             )
         ctx.clear(target)
+
+
+@contextlib.contextmanager
+def _direct_io(on: bool):
+    """Direct I/O as the default (`on`), or switched off by its environment variable."""
+    before = os.environ.get("FASTCKPT_DIRECT_IO")
+    if not on:
+        os.environ["FASTCKPT_DIRECT_IO"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FASTCKPT_DIRECT_IO", None)
+        else:
+            os.environ["FASTCKPT_DIRECT_IO"] = before
 
 
 def _slowdown_rounds(ctx: Context, setup: TrainingSetup, path: str, threads: int) -> dict:
