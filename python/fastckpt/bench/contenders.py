@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -199,8 +200,9 @@ def callback_contenders(
         )
 
     def orbax_cb(path: str, freq: int) -> keras.callbacks.Callback:
+        # Orbax refuses relative folders.
         return keras.callbacks.OrbaxCheckpoint(
-            path, save_freq=freq, max_to_keep=1, save_on_background=True
+            os.path.abspath(path), save_freq=freq, max_to_keep=1, save_on_background=True
         )
 
     out = [

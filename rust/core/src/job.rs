@@ -46,7 +46,7 @@ impl Job {
         let spawned = std::thread::Builder::new()
             .name("fastckpt-writer".into())
             .spawn(move || {
-                crate::io::lower_priority();
+                crate::io::idle_priority();
                 let outcome = work()
                     .map(|(paths, bytes)| WriteReport {
                         paths,
@@ -134,19 +134,25 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_thread_yields_to_training() {
-        // SAFETY: plain syscalls reading the calling thread's nice value.
-        let caller = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    fn the_writer_thread_runs_only_on_idle_cpu() {
+        // SAFETY: plain syscalls reading the calling thread's scheduling policy.
+        let caller = unsafe { libc::sched_getscheduler(0) };
         let job = Job::spawn(|| {
-            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            Ok((vec![], nice as u64))
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            let child = std::thread::spawn(|| unsafe { libc::sched_getscheduler(0) });
+            Ok((
+                vec![],
+                ((policy as u64) << 8) | child.join().unwrap() as u64,
+            ))
         });
         job.wait(None);
+        let policies = job.outcome().unwrap().unwrap().bytes;
         assert_eq!(
-            job.outcome().unwrap().unwrap().bytes as i32,
-            (caller + 10).min(19)
+            (policies >> 8, policies & 0xff),
+            (libc::SCHED_IDLE as u64, libc::SCHED_IDLE as u64),
+            "the job's thread and the threads it starts"
         );
-        assert_eq!(unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }, caller);
+        assert_eq!(unsafe { libc::sched_getscheduler(0) }, caller);
     }
 
     #[test]

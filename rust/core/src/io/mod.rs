@@ -10,7 +10,7 @@ mod temp;
 
 pub use commit::{write_file, WriteOptions};
 pub use parallel::combine;
-pub(crate) use parallel::lower_priority;
+pub(crate) use parallel::idle_priority;
 pub use read::{read_into, ReadItem};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 
