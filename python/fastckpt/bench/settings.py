@@ -21,6 +21,10 @@ class Settings:
         variable_counts: the per-variable figure.
         stall_weight_bytes: weights of the training model (a checkpoint holds ~3x with Adam).
         stall_checkpoints / stall_every: checkpoints per `fit`, one every so many steps.
+            Far enough apart that a background write, which uses idle CPU only, ends
+            before the next checkpoint (480 MiB took up to 3.2 s of training on 2 cores):
+            at 6 steps (0.8 s) the next save waited for it, and the stall measured the
+            machine's write bandwidth rather than the checkpoint's own cost.
         stall_formats: the suffixes fastckpt's callback saves to in the stall figure.
         slowdown_saves: background saves timed step by step.
         memory_saves: background saves watched for peak RSS (flat over many saves).
@@ -83,7 +87,7 @@ DEFAULT = Settings(
     variable_reps=3,
     stall_weight_bytes=160 * MIB,
     stall_checkpoints=2,
-    stall_every=6,
+    stall_every=24,
     stall_reps=3,
     stall_formats=(".weights.h5", ".keras"),
     slowdown_saves=8,
@@ -102,7 +106,7 @@ FULL = dataclasses.replace(
     variable_counts=(10, 100, 1000, 3000, 10_000, 20_000),
     variable_reps=5,
     stall_checkpoints=3,
-    stall_every=8,
+    stall_every=32,
     stall_reps=5,
     stall_formats=(".weights.h5", ".keras", ".safetensors"),
     slowdown_saves=10,
