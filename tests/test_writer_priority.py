@@ -32,7 +32,9 @@ def _threads() -> dict[int, tuple[str, int, int]]:
     return out
 
 
-def _writers_while_saving(tmp_path, background: bool) -> dict[int, tuple[str, int, int]]:
+def _writers_while_saving(
+    tmp_path, background: bool, threads: int | None = 2
+) -> dict[int, tuple[str, int, int]]:
     """The threads a save started, seen while it runs (each payload write slowed down)."""
     model = state_model(1024)
     before = set(_threads())
@@ -52,7 +54,9 @@ def _writers_while_saving(tmp_path, background: bool) -> dict[int, tuple[str, in
     try:
         watcher.start()
         watcher_tid[0] = watcher.native_id
-        job = fastckpt.save(model, tmp_path / "ckpt.weights.h5", background=background, threads=2)
+        job = fastckpt.save(
+            model, tmp_path / "ckpt.weights.h5", background=background, threads=threads
+        )
         if background:
             job.result()
     finally:
@@ -78,3 +82,18 @@ def test_synchronous_helpers_run_at_nice_plus_ten(tmp_path):
     for tid, (name, policy, nice) in seen.items():
         assert (policy, nice) == (SCHED_OTHER, min(caller_nice + 10, 19)), (tid, name)
     assert os.getpriority(os.PRIO_PROCESS, 0) == caller_nice
+
+
+def test_background_saves_default_to_a_quarter_of_the_cores(tmp_path):
+    """One writer on this 2-core machine: a background writer only gets idle CPU, and two
+    slowed training more than one (README, "Training while a checkpoint is written")."""
+    cores = len(os.sched_getaffinity(0))
+    assert _fastckpt.DEFAULT_BACKGROUND_THREADS == min(max(cores // 4, 1), 8)
+    assert _fastckpt.DEFAULT_THREADS == min(cores, 8)
+    n = _fastckpt.DEFAULT_BACKGROUND_THREADS
+    seen = _writers_while_saving(tmp_path, background=True, threads=None)
+    writers = [tid for tid, info in seen.items() if info[0] == "fastckpt-writer"]
+    # The job's own thread writes when it is the only one; else it starts n writers.
+    assert len(writers) == (1 if n == 1 else 1 + n), seen
+    sync = _writers_while_saving(tmp_path, background=False, threads=None)
+    assert len(sync) == _fastckpt.DEFAULT_THREADS, sync

@@ -7,6 +7,7 @@ import numpy as np
 from typing_extensions import final
 
 DEFAULT_THREADS: int
+DEFAULT_BACKGROUND_THREADS: int
 FAULT_INJECTION: bool
 DTYPES: dict[str, int]
 

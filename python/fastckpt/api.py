@@ -191,9 +191,9 @@ def save(
         overwrite: if False, an existing file is an error.
         background: return a `SaveJob` as soon as the snapshot is taken. The write then
             runs on threads that use only CPU time nothing else wants (`SCHED_IDLE`).
-        threads: writer threads (default: one per core, at most 8). Large payloads go to
-            disk with direct I/O where the filesystem supports it (`FASTCKPT_DIRECT_IO=0`
-            turns that off).
+        threads: writer threads (default: one per core, at most 8; in the background a
+            quarter of the cores, at least 1). Large payloads go to disk with direct I/O
+            where the filesystem supports it (`FASTCKPT_DIRECT_IO=0` turns that off).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
         max_shard_size: for a `.weights.json` path, split the weights into
             `<stem>_00000.weights.h5`, ... shards of at most this many GB, exactly as

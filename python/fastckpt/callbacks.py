@@ -89,7 +89,8 @@ class ModelCheckpoint(MonitorCallback):
             (with `save_best_only`, the best); older ones are deleted off the training
             thread. Files this callback did not write are never touched. `None` keeps all.
         save_on_background: `False` saves on the training thread, like Keras.
-        threads: writer threads per save (default: one per core, at most 8).
+        threads: writer threads per save (default: one per core, at most 8, for a
+            synchronous save; a quarter of the cores, at least 1, in the background).
         period: from tf.keras 2.x / R keras: save every `period` epochs (epochs
             `period`, `2 * period`, ... of this callback's life). Not with an integer
             `save_freq`.

@@ -127,8 +127,9 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
 
     Rounds alternate: a window of steps with nothing running, then a background save and
     steps until it is done. Each step is timed alone (`train_on_batch`). Run with the
-    default writer threads and with one, since on a small machine the writers and the
-    training step share the cores; and, where the target has direct I/O (not tmpfs), once
+    default writer threads of a background save and with another count (a synchronous
+    save's default, or one), since on a small machine the writers and the training step
+    share the cores; and, where the target has direct I/O (not tmpfs), once
     more with it switched off (`FASTCKPT_DIRECT_IO=0`) to show what the page cache costs."""
     s = ctx.settings
     case = case_name(setup)
@@ -136,9 +137,11 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
     for i in range(3):  # warm up the step
         setup.step(i)
     for target in ctx.targets:
-        variants = [(_fastckpt.DEFAULT_THREADS, True), (1, True)]
+        default = _fastckpt.DEFAULT_BACKGROUND_THREADS
+        other = _fastckpt.DEFAULT_THREADS if _fastckpt.DEFAULT_THREADS != default else 1
+        variants = [(default, True), (other, True)]
         if filesystem(ctx.targets[target])["fstype"] != "tmpfs":
-            variants.append((_fastckpt.DEFAULT_THREADS, False))
+            variants.append((default, False))
         for threads, direct in variants:
             with _direct_io(direct):
                 stats = _slowdown_rounds(
@@ -151,6 +154,8 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
                 f"during {s.slowdown_saves} writes"
             )
             label = f"{threads} thread{'s' if threads > 1 else ''}"
+            if threads == default:
+                label += ", the default"
             if not direct:
                 label += ", buffered: FASTCKPT_DIRECT_IO=0"
             ctx.add(

@@ -25,12 +25,15 @@ use crate::errors::to_py_err;
 use crate::job::PyJob;
 use crate::nodes::{nodes_from_py, PyNode};
 
-fn write_options(threads: Option<usize>) -> PyResult<WriteOptions> {
+/// The write's options; with `threads` unset, a background write gets fewer threads than a
+/// synchronous one (see `io::default_background_threads`).
+fn write_options(threads: Option<usize>, background: bool) -> PyResult<WriteOptions> {
     match threads {
         Some(0) => Err(PyValueError::new_err(
             "threads must be at least 1. Received: threads=0",
         )),
         Some(n) => Ok(WriteOptions::with_threads(n)),
+        None if background => Ok(WriteOptions::with_threads(io::default_background_threads())),
         None => Ok(WriteOptions::default()),
     }
 }
@@ -64,7 +67,7 @@ fn write_safetensors(
     background: bool,
 ) -> PyResult<PyJob> {
     let tensors = tensors_from_py(tensors)?;
-    let opts = write_options(threads)?;
+    let opts = write_options(threads, background)?;
     let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(py, &e))?;
     Ok(start_write(py, path, layout, tensors, opts, background))
 }
@@ -76,10 +79,11 @@ fn plan_hdf5(
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyNode<'_>>,
     threads: Option<usize>,
+    background: bool,
 ) -> PyResult<(Vec<Tensor>, PlannedFile, WriteOptions)> {
     let tensors = tensors_from_py(tensors)?;
     let nodes = nodes_from_py(nodes)?;
-    let opts = write_options(threads)?;
+    let opts = write_options(threads, background)?;
     let planned = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
     Ok((tensors, planned, opts))
 }
@@ -95,7 +99,7 @@ fn write_hdf5(
     threads: Option<usize>,
     background: bool,
 ) -> PyResult<PyJob> {
-    let (tensors, layout, opts) = plan_hdf5(py, tensors, nodes, threads)?;
+    let (tensors, layout, opts) = plan_hdf5(py, tensors, nodes, threads, background)?;
     Ok(start_write(py, path, layout, tensors, opts, background))
 }
 
@@ -115,7 +119,7 @@ fn write_keras(
     threads: Option<usize>,
     background: bool,
 ) -> PyResult<PyJob> {
-    let (tensors, weights, opts) = plan_hdf5(py, tensors, nodes, threads)?;
+    let (tensors, weights, opts) = plan_hdf5(py, tensors, nodes, threads, background)?;
     let bytes_member = |(name, data): (String, Vec<u8>)| Member::Bytes { name, data };
     let members: Vec<Member> = before
         .into_iter()
@@ -165,7 +169,7 @@ fn read_into(
     threads: Option<usize>,
     crc32c: bool,
 ) -> PyResult<Option<Vec<u32>>> {
-    let threads = write_options(threads)?.threads;
+    let threads = write_options(threads, false)?.threads;
     let mut reads = Vec::with_capacity(items.len());
     for (i, (offset, arr)) in items.iter().enumerate() {
         let (dest, len) = writable_dest(arr, i)?;
@@ -293,6 +297,10 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_inject_fault, m)?)?;
     m.add_function(wrap_pyfunction!(_inject_delay, m)?)?;
     m.add("DEFAULT_THREADS", io::default_threads())?;
+    m.add(
+        "DEFAULT_BACKGROUND_THREADS",
+        io::default_background_threads(),
+    )?;
     m.add("FAULT_INJECTION", io::fault::ENABLED)?;
     let dtypes = PyDict::new(m.py());
     for d in fastckpt_core::DType::ALL {

@@ -22,6 +22,17 @@ pub fn default_threads() -> usize {
         .min(8)
 }
 
+/// Writer threads for a background save when the caller does not say: a quarter of the
+/// cores (at least 1, at most 8), leaving the rest to training. On 2 cores one writer slowed
+/// training steps less than two (1.00-1.02x against 1.01-1.05x, three bench runs) and wrote
+/// as fast, since a background writer only gets idle CPU anyway.
+pub fn default_background_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() / 4)
+        .unwrap_or(1)
+        .clamp(1, 8)
+}
+
 /// Payloads are split into pieces of at most this many bytes so that a few large tensors
 /// still spread over every thread.
 pub const PIECE_BYTES: usize = 8 << 20;
