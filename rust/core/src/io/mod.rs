@@ -23,9 +23,9 @@ pub fn default_threads() -> usize {
 }
 
 /// Writer threads for a background save when the caller does not say: a quarter of the
-/// cores (at least 1, at most 8), leaving the rest to training. On 2 cores one writer slowed
-/// training steps less than two (1.00-1.02x against 1.01-1.05x, three bench runs) and wrote
-/// as fast, since a background writer only gets idle CPU anyway.
+/// cores (at least 1, at most 8), leaving the rest to training. A background writer only
+/// gets idle CPU, and on 2 cores a second one mostly competed for it: steps slowed alike
+/// (1.00-1.05x against 1.01-1.05x, four bench runs) and one writer was as fast or faster.
 pub fn default_background_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 4)
