@@ -361,8 +361,7 @@ def _cases():
         "keras-weights-payload-flipped",
         "K",
         lambda s, d: flip(s, d / "t.keras", _kernel_offset(s) + 5),
-        # zipfile checks the member's CRC-32 when h5py, opening the member through it,
-        # seeks to its end (libhdf5 checks the end-of-file address): load sees it too.
+        # The loader checks the stored member's CRC-32 before h5py opens it in place.
         load="error",
         check="error",
     )

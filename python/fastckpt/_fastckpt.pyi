@@ -57,6 +57,9 @@ def read_into(
     threads: int | None = None,
     crc32c: bool = False,
 ) -> list[int] | None: ...
+def crc32_of_range(
+    path: str | os.PathLike[str], offset: int, length: int, *, threads: int | None = None
+) -> int: ...
 def safetensors_header(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int, int | None]]]: ...

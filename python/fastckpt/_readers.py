@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import json
 import mmap
 import os
@@ -391,6 +392,54 @@ def check_zip_members(path: str, zf: zipfile.ZipFile) -> None:
             )
 
 
+class MemberWindow(io.RawIOBase):
+    """A stored zip member as a read-only, seekable file: bytes `[base, base + size)` of the
+    archive, read in place with `pread`. zipfile's member stream re-reads the member from
+    its start, re-computing its CRC, on every backward seek, and h5py seeks back often:
+    opening a 480 MiB `.keras` that way took 0.37-0.49 s here."""
+
+    def __init__(self, path: str, base: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._base, self._size, self._pos = base, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        starts = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}
+        if whence not in starts:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        start = starts[whence]
+        if start + offset < 0:
+            raise OSError(errno.EINVAL, f"seek to {start + offset} before the member's start")
+        self._pos = start + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._size - self._pos))
+        done = 0
+        while done < n:
+            got = os.preadv(self._fd, [view[done:n]], self._base + self._pos + done)
+            if got == 0:
+                break  # the archive is shorter than its directory says
+            done += got
+        self._pos += done
+        return done
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
 def open_keras(path: str) -> Checkpoint:
     with zipfile.ZipFile(path) as zf:
         check_zip_members(path, zf)
@@ -399,16 +448,24 @@ def open_keras(path: str) -> Checkpoint:
             raise CheckpointContentError(f"{path}: no {WEIGHTS_MEMBER} in the archive")
         config = zf.read("config.json").decode("utf8") if "config.json" in names else None
         info = zf.getinfo(WEIGHTS_MEMBER)
-        with h5py.File(zf.open(WEIGHTS_MEMBER), "r") as f:
-            if info.compress_type == zipfile.ZIP_STORED:
-                base = _member_data_offset(path, info)
-                limit = base + info.file_size
-                if info.compress_size != info.file_size or limit > os.path.getsize(path):
-                    raise CheckpointContentError(
-                        f"{path}: {WEIGHTS_MEMBER} runs past the end of the file"
-                    )
+        if info.compress_type == zipfile.ZIP_STORED:
+            base = _member_data_offset(path, info)
+            limit = base + info.file_size
+            if info.compress_size != info.file_size or limit > os.path.getsize(path):
+                raise CheckpointContentError(
+                    f"{path}: {WEIGHTS_MEMBER} runs past the end of the file"
+                )
+            # Checked here, since the window bypasses zipfile's own CRC check.
+            crc = _fastckpt.crc32_of_range(path, base, info.file_size)
+            if crc != info.CRC:
+                raise CheckpointContentError(
+                    f"{path}: {WEIGHTS_MEMBER} fails its CRC-32 (the archive says "
+                    f"{info.CRC:08x}, the data is {crc:08x}): the file is corrupt"
+                )
+            with MemberWindow(path, base, info.file_size) as member, h5py.File(member, "r") as f:
                 tensors = _h5_tensors(f, base, limit, path)
-            else:
+        else:
+            with h5py.File(zf.open(WEIGHTS_MEMBER), "r") as f:
                 tensors = {
                     n: dataclasses.replace(t, offset=-1)
                     for n, t in _h5_tensors(f, 0, info.file_size, None).items()

@@ -189,6 +189,22 @@ fn read_into(
     Ok(crc32c.then_some(sums))
 }
 
+/// The CRC-32 (zip's) of `length` bytes of `path` at `offset`, read in parallel: checks a
+/// stored zip member in place.
+#[pyfunction]
+#[pyo3(signature = (path, offset, length, *, threads=None))]
+fn crc32_of_range(
+    py: Python<'_>,
+    path: PathBuf,
+    offset: u64,
+    length: u64,
+    threads: Option<usize>,
+) -> PyResult<u32> {
+    let threads = write_options(threads, false)?.threads;
+    py.detach(|| io::crc32_of_range(&path, offset, length, threads))
+        .map_err(|e| to_py_err(py, &e))
+}
+
 /// Parses and validates a SafeTensors header: `(metadata, [(name, dtype, shape, offset,
 /// nbytes, crc32c or None), ...])` in payload order.
 #[pyfunction]
@@ -291,6 +307,7 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_keras, m)?)?;
     m.add_function(wrap_pyfunction!(write_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_into, m)?)?;
+    m.add_function(wrap_pyfunction!(crc32_of_range, m)?)?;
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_stale_temps, m)?)?;
     m.add_function(wrap_pyfunction!(is_temp_name, m)?)?;

@@ -11,7 +11,7 @@ mod temp;
 pub use commit::{write_file, WriteOptions};
 pub use parallel::combine;
 pub(crate) use parallel::idle_priority;
-pub use read::{read_into, ReadItem};
+pub use read::{crc32_of_range, read_into, ReadItem};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 
 /// Writer threads when the caller does not say: one per core, at most 8.
