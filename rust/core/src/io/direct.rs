@@ -134,7 +134,8 @@ impl DirectFile {
         if bytes.as_ptr() as usize % self.mem_align == 0 {
             return self.write_direct(bytes, offset);
         }
-        let mut bounce = AlignedBuf::new(BOUNCE_BYTES.min(bytes.len()), self.file_align)?;
+        let align = self.file_align.max(self.mem_align as u64);
+        let mut bounce = AlignedBuf::new(BOUNCE_BYTES.min(bytes.len()), align)?;
         let mut done = 0;
         while done < bytes.len() {
             let n = bounce.len().min(bytes.len() - done);
@@ -181,8 +182,9 @@ impl AlignedBuf {
     fn new(len: usize, align: u64) -> io::Result<AlignedBuf> {
         let layout = Layout::from_size_align(len.max(1), align as usize)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc::alloc(layout) };
+        // SAFETY: the layout has a non-zero size. Zeroed, so the slice `as_mut` hands out
+        // never covers uninitialised bytes.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
         if ptr.is_null() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
@@ -194,8 +196,8 @@ impl AlignedBuf {
     }
 
     fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points to `len` bytes we own; `u8` has no invalid values, and the
-        // bytes are written before they are read.
+        // SAFETY: `ptr` points to `len` initialised (zeroed) bytes that we own, borrowed
+        // mutably through `self`.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len()) }
     }
 }
