@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +45,12 @@ def parse(log: str) -> list[Call]:
             name, tail, ret = resumed.groups()
             calls.append(Call(start, i, tid, name, args + tail, ret))
     return sorted(calls, key=lambda c: c.start)
+
+
+def temp_name_re(target: str) -> re.Pattern[str]:
+    """The names fastckpt gives the temp file of a save to `target`."""
+    folder, name = os.path.split(target)
+    return re.compile(re.escape(folder) + r"/\." + re.escape(name) + r"\.fastckpt-\d+-\d+\.tmp")
 
 
 def fd_of(call: Call) -> int | None:

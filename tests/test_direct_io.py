@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import struct
 import textwrap
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from children import SUFFIXES
 from fastckpt import _fastckpt
 from oracles import check_target, model_states
-from strace_log import Call, on_descriptor, opens_of, run_traced, write_size
+from strace_log import Call, on_descriptor, opens_of, run_traced, temp_name_re, write_size
 
 STATX_DIOALIGN = 0x2000
 PAGE = 4096
@@ -89,8 +88,8 @@ def dio_folder(tmp_path):
 def _direct_writes(calls, target: str) -> tuple[int, list]:
     """How many times the temp file of `target` was opened, and the writes made through
     descriptors of it opened with O_DIRECT."""
-    folder, name = os.path.split(target)
-    temp_re = re.compile(re.escape(folder) + r"/\." + re.escape(name) + r"\.fastckpt-\d+-\d+\.tmp")
+    name = os.path.basename(target)
+    temp_re = temp_name_re(target)
     temps = {m.group(0) for c in calls if c.name == "openat" for m in [temp_re.search(c.args)] if m}
     assert len(temps) == 1, f"{name}: expected one temp file, saw {temps}"
     opened = opens_of(calls, temps.pop())

@@ -10,12 +10,11 @@ strace is a test dependency (`make test` installs it): without it the test fails
 from __future__ import annotations
 
 import os
-import re
 import textwrap
 from pathlib import Path
 
 from children import SUFFIXES
-from strace_log import Call, on_descriptor, opens_of, run_traced
+from strace_log import Call, on_descriptor, opens_of, run_traced, temp_name_re
 
 SYSCALLS = (
     "openat,close,pwrite64,write,fdatasync,fsync,rename,renameat,renameat2,fallocate,ftruncate"
@@ -40,7 +39,7 @@ def check_order(calls: list[Call], target: str) -> dict[str, int]:
     The temp file may be open twice: once as created, once with `O_DIRECT` for the large
     payloads (see test_direct_io.py); writes through either must end before the fdatasync."""
     folder, name = os.path.split(target)
-    temp_re = re.compile(re.escape(folder) + r"/\." + re.escape(name) + r"\.fastckpt-\d+-\d+\.tmp")
+    temp_re = temp_name_re(target)
     created = [
         c for c in calls if c.name == "openat" and temp_re.search(c.args) and "O_CREAT" in c.args
     ]

@@ -7,12 +7,14 @@ from __future__ import annotations
 import errno
 import zipfile
 
+import h5py
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastckpt
-from fastckpt._readers import MemberWindow
+from fastckpt._readers import MemberWindow, open_checkpoint
 
 ops = st.lists(
     st.one_of(
@@ -64,3 +66,38 @@ def test_keras_loads_through_the_window(tmp_path, trained_model):
     fastckpt.load(trained_model, path)
     for v, w in zip(trained_model.weights, want, strict=True):
         np.testing.assert_array_equal(v.numpy(), w)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_keras_with_a_chunked_dataset_loads(tmp_path, trained_model, compression):
+    """A dataset h5py must decode (chunked, gzip) is read through h5py, from the window on
+    a stored member or through zipfile's stream for a compressed one."""
+    saved = tmp_path / "m.keras"
+    fastckpt.save(trained_model, saved)
+    weights = tmp_path / "model.weights.h5"
+    with zipfile.ZipFile(saved) as zf:
+        weights.write_bytes(zf.read("model.weights.h5"))
+        others = [(i, zf.read(i)) for i in zf.infolist() if i.filename != "model.weights.h5"]
+    with h5py.File(weights, "r+") as f:
+        name = next(n for n in _datasets(f) if f[n].size > 1)
+        data = f[name][()]
+        del f[name]
+        f.create_dataset(name, data=data, chunks=True, compression="gzip")
+    path = tmp_path / "chunked.keras"
+    with zipfile.ZipFile(path, "w") as zf:
+        for info, data in others:
+            zf.writestr(info, data)
+        zf.write(weights, "model.weights.h5", compress_type=compression)
+    assert any(t.offset < 0 for t in open_checkpoint(str(path)).tensors.values())
+    want = [v.numpy() for v in trained_model.weights]
+    for v in trained_model.weights:
+        v.assign(np.zeros(v.shape, v.dtype))
+    fastckpt.load(trained_model, path)
+    for v, w in zip(trained_model.weights, want, strict=True):
+        np.testing.assert_array_equal(v.numpy(), w)
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda n, obj: names.append(n) if isinstance(obj, h5py.Dataset) else None)
+    return names

@@ -294,12 +294,24 @@ def _h5_tensor(name: str, dsid: h5d.DatasetID, base: int, limit: int) -> TensorI
     return TensorInfo(dtype, shape, offset, nbytes)
 
 
-def _h5_fallback(path: str, member: str | None) -> Callable[[str], np.ndarray]:
+def _h5_fallback(path: str, window: tuple[int, int] | None = None) -> Callable[[str], np.ndarray]:
+    """Reads a dataset through h5py: from the file, or from the `(base, size)` window of a
+    `.keras` archive holding its stored weights member."""
+
     def read(name: str) -> np.ndarray:
-        if member is None:
-            with h5py.File(path, "r") as f:
-                ds = f[name]
-                return np.asarray(ds[()], dtype=numpy_dtype(_h5_dtype(ds)))
+        with contextlib.ExitStack() as stack:
+            source = path if window is None else stack.enter_context(MemberWindow(path, *window))
+            f = stack.enter_context(h5py.File(source, "r"))
+            ds = f[name]
+            return np.asarray(ds[()], dtype=numpy_dtype(_h5_dtype(ds)))
+
+    return read
+
+
+def _h5_zip_fallback(path: str, member: str) -> Callable[[str], np.ndarray]:
+    """Reads a dataset of a compressed zip member through zipfile's stream."""
+
+    def read(name: str) -> np.ndarray:
         with zipfile.ZipFile(path) as zf, h5py.File(zf.open(member), "r") as f:
             ds = f[name]
             return np.asarray(ds[()], dtype=numpy_dtype(_h5_dtype(ds)))
@@ -340,7 +352,7 @@ def open_sharded(path: str) -> Checkpoint:
 def open_weights_h5(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
         tensors = _h5_tensors(f, 0, os.path.getsize(path), path)
-    return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
+    return Checkpoint(path, tensors, {}, None, _h5_fallback(path))
 
 
 WEIGHTS_MEMBER = "model.weights.h5"
@@ -464,13 +476,15 @@ def open_keras(path: str) -> Checkpoint:
                 )
             with MemberWindow(path, base, info.file_size) as member, h5py.File(member, "r") as f:
                 tensors = _h5_tensors(f, base, limit, path)
+            fallback = _h5_fallback(path, (base, info.file_size))
         else:
             with h5py.File(zf.open(WEIGHTS_MEMBER), "r") as f:
                 tensors = {
                     n: dataclasses.replace(t, offset=-1)
                     for n, t in _h5_tensors(f, 0, info.file_size, None).items()
                 }
-    return Checkpoint(path, tensors, {}, config, _h5_fallback(path, WEIGHTS_MEMBER))
+            fallback = _h5_zip_fallback(path, WEIGHTS_MEMBER)
+    return Checkpoint(path, tensors, {}, config, fallback)
 
 
 def open_legacy_h5(path: str) -> Checkpoint:
@@ -479,7 +493,7 @@ def open_legacy_h5(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
         # Keras's legacy loader reads every string attribute
         tensors = _h5_tensors(f, 0, os.path.getsize(path), path, all_strings=True)
-    return Checkpoint(path, tensors, {}, None, _h5_fallback(path, None))
+    return Checkpoint(path, tensors, {}, None, _h5_fallback(path))
 
 
 def open_checkpoint(path: str | os.PathLike, *, legacy: bool = False) -> Checkpoint:
