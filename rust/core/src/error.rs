@@ -21,6 +21,9 @@ pub enum Error {
     /// A file's content is not what its format promises (truncated, corrupt, hostile).
     #[error("{path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A queued write was dropped before it began (a newer save replaced it).
+    #[error("the write was cancelled before it began")]
+    Cancelled,
 }
 
 impl Error {

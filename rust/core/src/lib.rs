@@ -10,12 +10,13 @@
 
 pub mod error;
 pub mod format;
+pub mod host;
 pub mod io;
 pub mod job;
 pub mod layout;
 pub mod tensor;
 
 pub use error::{Error, Result};
-pub use job::{Job, WriteReport};
+pub use job::{Job, Output, WriteReport};
 pub use layout::{Digest, Layout, PlannedFile, Region, Slot};
 pub use tensor::{DType, Tensor, TensorBytes};

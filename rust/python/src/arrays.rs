@@ -122,3 +122,29 @@ pub fn writable_dest(arr: &Bound<'_, PyUntypedArray>, index: usize) -> PyResult<
     let itemsize: usize = arr.dtype().getattr("itemsize")?.extract()?;
     Ok((ptr as *mut u8, arr.len() * itemsize))
 }
+
+/// The buffer of a source array for copying: C-contiguous (it may be read-only).
+pub fn readable_source(
+    arr: &Bound<'_, PyUntypedArray>,
+    index: usize,
+) -> PyResult<(*const u8, usize)> {
+    if !arr.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "copy source {index} must be a C-contiguous array"
+        )));
+    }
+    let itemsize: usize = arr.dtype().getattr("itemsize")?.extract()?;
+    Ok((array_fields(arr).0 as *const u8, arr.len() * itemsize))
+}
+
+/// A writable array kept alive for a background job that writes into its buffer.
+pub struct HeldArray {
+    pub _array: Py<PyAny>,
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: `_array` keeps the buffer alive (it never moves while the array lives); the job
+// only does what its contract says with `ptr..ptr+len`, and drops `_array` without
+// touching Python (PyO3 defers the decref until the interpreter is held).
+unsafe impl Send for HeldArray {}

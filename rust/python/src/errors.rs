@@ -16,6 +16,17 @@ fn fastckpt_exception(py: Python<'_>, name: &str, msg: String) -> PyErr {
     }
 }
 
+fn cancelled_error(py: Python<'_>, msg: String) -> PyErr {
+    match py
+        .import("concurrent.futures")
+        .and_then(|m| m.getattr("CancelledError"))
+        .and_then(|cls| cls.call1((msg.clone(),)))
+    {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(_) => PyRuntimeError::new_err(msg),
+    }
+}
+
 pub fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
     match err {
         Error::Io { op, path, source } => match source.raw_os_error() {
@@ -29,6 +40,7 @@ pub fn to_py_err(py: Python<'_>, err: &Error) -> PyErr {
         },
         Error::InvalidInput(msg) => fastckpt_exception(py, "CheckpointContentError", msg.clone()),
         Error::Corrupt { .. } => fastckpt_exception(py, "CheckpointContentError", err.to_string()),
+        Error::Cancelled => cancelled_error(py, err.to_string()),
     }
 }
 

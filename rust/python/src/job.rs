@@ -3,14 +3,33 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fastckpt_core::{Job, Result};
+use fastckpt_core::io::Effort;
+use fastckpt_core::{Job, Output, Result};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::errors::to_py_err;
 
+/// Where a write runs: here, or on a writer thread (once `after` has ended, if given).
+pub enum When<'a> {
+    Here,
+    Background { after: Option<&'a PyJob> },
+}
+
 /// How often a waiting thread checks for signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(50);
+
+/// What a finished write produced.
+#[pyclass(name = "WriteReport", module = "fastckpt._fastckpt", frozen, get_all)]
+pub struct PyWriteReport {
+    /// Every file written, the main one first.
+    pub paths: Vec<PathBuf>,
+    pub bytes: u64,
+    /// From the moment the write began (not counting time queued behind another write).
+    pub seconds: f64,
+    /// The file the write replaced, kept under a temp name for the next write to reuse.
+    pub kept: Option<PathBuf>,
+}
 
 #[pyclass(name = "Job", module = "fastckpt._fastckpt", frozen)]
 pub struct PyJob {
@@ -18,16 +37,30 @@ pub struct PyJob {
 }
 
 impl PyJob {
-    /// Runs `work` detached from the interpreter: on a writer thread when `background`,
-    /// else right here (the call returns when the file is durable).
-    pub fn start<F>(py: Python<'_>, work: F, background: bool) -> PyJob
+    /// Runs `work` detached from the interpreter: on a writer thread when in the
+    /// background, else right here (the call returns when the file is durable). `effort`
+    /// is the one the work's writes consult, so that waiting for the job hurries them.
+    pub fn start<F>(py: Python<'_>, work: F, when: When<'_>, effort: Effort) -> PyJob
     where
-        F: FnOnce() -> Result<(Vec<PathBuf>, u64)> + Send + 'static,
+        F: FnOnce() -> Result<Output> + Send + 'static,
     {
-        let inner = if background {
-            Job::spawn(work)
-        } else {
-            py.detach(|| Job::run_here(work))
+        PyJob::start_named("fastckpt-writer", py, work, when, effort)
+    }
+
+    /// [`PyJob::start`] with the background thread named `name`.
+    pub fn start_named<F>(
+        name: &str,
+        py: Python<'_>,
+        work: F,
+        when: When<'_>,
+        effort: Effort,
+    ) -> PyJob
+    where
+        F: FnOnce() -> Result<Output> + Send + 'static,
+    {
+        let inner = match when {
+            When::Background { after } => Job::spawn(name, after.map(|j| &j.inner), effort, work),
+            When::Here => py.detach(|| Job::run_here(work)),
         };
         PyJob { inner }
     }
@@ -36,6 +69,7 @@ impl PyJob {
 #[pymethods]
 impl PyJob {
     /// Waits for the write to end, at most `timeout` seconds; returns whether it ended.
+    /// Unless `timeout` is 0 (a poll), the write is hurried: it takes every core from now on.
     #[pyo3(signature = (timeout=None))]
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let deadline = match timeout {
@@ -47,6 +81,9 @@ impl PyJob {
             Some(t) => Some(Instant::now() + Duration::from_secs_f64(t)),
             None => None,
         };
+        if timeout != Some(0.0) {
+            self.inner.hurry();
+        }
         // Wait in slices and let Python run its signal handlers between them: Ctrl-C
         // interrupts the wait (the write goes on and ends on its own), where one long
         // detached wait would hold the KeyboardInterrupt back until the write ended.
@@ -68,23 +105,37 @@ impl PyJob {
         }
     }
 
-    /// Whether the write has ended (successfully or not).
+    /// Whether the write has ended (successfully, with an error, or cancelled).
     fn done(&self) -> bool {
         self.inner.is_done()
     }
 
-    /// Waits for the write, then returns `(paths, bytes, seconds)` or raises its error.
-    fn result(&self, py: Python<'_>) -> PyResult<(Vec<String>, u64, f64)> {
+    /// Whether the write has begun (a job queued behind another has not).
+    fn begun(&self) -> bool {
+        self.inner.has_begun()
+    }
+
+    /// Drops the write if it has not begun; returns whether it was dropped. A dropped write
+    /// never touches its files, and `result()` raises `concurrent.futures.CancelledError`.
+    fn cancel(&self) -> bool {
+        self.inner.cancel()
+    }
+
+    /// Lets the write use every core from now on, without waiting for it.
+    fn hurry(&self) {
+        self.inner.hurry()
+    }
+
+    /// Waits for the write, then returns its `WriteReport` or raises its error.
+    fn result(&self, py: Python<'_>) -> PyResult<PyWriteReport> {
         self.wait(py, None)?;
         match self.inner.outcome().expect("finished job has an outcome") {
-            Ok(r) => {
-                let paths = r
-                    .paths
-                    .iter()
-                    .map(|p| p.to_string_lossy().into_owned())
-                    .collect();
-                Ok((paths, r.bytes, r.seconds))
-            }
+            Ok(r) => Ok(PyWriteReport {
+                paths: r.output.paths,
+                bytes: r.output.bytes,
+                seconds: r.seconds,
+                kept: r.output.kept,
+            }),
             Err(e) => Err(to_py_err(py, &e)),
         }
     }
@@ -105,7 +156,7 @@ impl PyJob {
             None => "<fastckpt Job running>".into(),
             Some(Ok(r)) => format!(
                 "<fastckpt Job done: {} bytes in {:.3} s>",
-                r.bytes, r.seconds
+                r.output.bytes, r.seconds
             ),
             Some(Err(e)) => format!("<fastckpt Job failed: {e}>"),
         }

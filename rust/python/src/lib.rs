@@ -6,70 +6,66 @@ mod arrays;
 mod errors;
 mod job;
 mod nodes;
+mod options;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use fastckpt_core::format::zip::{self, Member, ZipOptions};
 use fastckpt_core::format::{hdf5, safetensors};
-use fastckpt_core::io::{self, ReadItem, WriteOptions};
+use fastckpt_core::host;
+use fastckpt_core::io::{self, ReadItem};
 use fastckpt_core::PlannedFile;
-use fastckpt_core::{Digest, Layout, Tensor};
+use fastckpt_core::{Digest, Layout, Output, Tensor};
 use numpy::PyUntypedArray;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::arrays::{tensors_from_py, writable_dest};
+use crate::arrays::{readable_source, tensors_from_py, writable_dest, HeldArray};
 use crate::errors::to_py_err;
-use crate::job::PyJob;
+use crate::job::{PyJob, When};
 use crate::nodes::{nodes_from_py, PyNode};
+use crate::options::{thread_count, PyWriteOptions};
 
-/// The write's options; with `threads` unset, a background write gets fewer threads than a
-/// synchronous one (see `io::default_background_threads`).
-fn write_options(threads: Option<usize>, background: bool) -> PyResult<WriteOptions> {
-    match threads {
-        Some(0) => Err(PyValueError::new_err(
-            "threads must be at least 1. Received: threads=0",
-        )),
-        Some(n) => Ok(WriteOptions::with_threads(n)),
-        None if background => Ok(WriteOptions::with_threads(io::default_background_threads())),
-        None => Ok(WriteOptions::default()),
-    }
-}
-
-/// Runs stages 5-6 for a planned file: on a writer thread when `background`, else here,
-/// detached from the interpreter either way. The job owns the tensors (and so the arrays).
+/// Runs stages 5-6 for a planned file as `options` say: on a writer thread in the
+/// background (once `queue_after` has ended, if given), else here, detached from the
+/// interpreter either way. The job owns the tensors (and so the arrays).
 fn start_write<L: Layout + 'static>(
     py: Python<'_>,
     path: PathBuf,
     layout: L,
     tensors: Vec<Tensor>,
-    opts: WriteOptions,
-    background: bool,
+    options: Option<&PyWriteOptions>,
 ) -> PyJob {
+    let sync = PyWriteOptions::synchronous();
+    let options = options.unwrap_or(&sync);
+    let opts = options.core();
+    let effort = opts.width.effort.clone();
     let work = move || {
-        let bytes = io::write_file(&path, &layout, &tensors, &opts)?;
-        Ok((vec![path], bytes))
+        let written = io::write_file_keeping(&path, &layout, &tensors, &opts)?;
+        Ok(Output {
+            paths: vec![path],
+            bytes: written.len,
+            kept: written.kept,
+        })
     };
-    PyJob::start(py, work, background)
+    PyJob::start(py, work, options.when(), effort)
 }
 
-/// Writes a SafeTensors file; returns a job (already finished unless `background`).
+/// Writes a SafeTensors file; returns a job (already finished unless in the background).
 #[pyfunction]
-#[pyo3(signature = (path, tensors, metadata, *, threads=None, background=false))]
+#[pyo3(signature = (path, tensors, metadata, *, options=None))]
 fn write_safetensors(
     py: Python<'_>,
     path: PathBuf,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     metadata: BTreeMap<String, String>,
-    threads: Option<usize>,
-    background: bool,
+    options: Option<PyRef<'_, PyWriteOptions>>,
 ) -> PyResult<PyJob> {
     let tensors = tensors_from_py(tensors)?;
-    let opts = write_options(threads, background)?;
     let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(py, &e))?;
-    Ok(start_write(py, path, layout, tensors, opts, background))
+    Ok(start_write(py, path, layout, tensors, options.as_deref()))
 }
 
 /// Converts the arrays and the tree, and plans the HDF5 file (a whole file, or the weights
@@ -78,35 +74,31 @@ fn plan_hdf5(
     py: Python<'_>,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyNode<'_>>,
-    threads: Option<usize>,
-    background: bool,
-) -> PyResult<(Vec<Tensor>, PlannedFile, WriteOptions)> {
+) -> PyResult<(Vec<Tensor>, PlannedFile)> {
     let tensors = tensors_from_py(tensors)?;
     let nodes = nodes_from_py(nodes)?;
-    let opts = write_options(threads, background)?;
     let planned = hdf5::plan(&nodes, &tensors).map_err(|e| to_py_err(py, &e))?;
-    Ok((tensors, planned, opts))
+    Ok((tensors, planned))
 }
 
 /// Writes an HDF5 file (`.weights.h5`, legacy `.h5`) from a tree of groups and datasets.
 #[pyfunction]
-#[pyo3(signature = (path, tensors, nodes, *, threads=None, background=false))]
+#[pyo3(signature = (path, tensors, nodes, *, options=None))]
 fn write_hdf5(
     py: Python<'_>,
     path: PathBuf,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyNode<'_>>,
-    threads: Option<usize>,
-    background: bool,
+    options: Option<PyRef<'_, PyWriteOptions>>,
 ) -> PyResult<PyJob> {
-    let (tensors, layout, opts) = plan_hdf5(py, tensors, nodes, threads, background)?;
-    Ok(start_write(py, path, layout, tensors, opts, background))
+    let (tensors, layout) = plan_hdf5(py, tensors, nodes)?;
+    Ok(start_write(py, path, layout, tensors, options.as_deref()))
 }
 
 /// Writes a Keras `.keras` zip in one pass: the `before` members, then `weights_name`
 /// holding the HDF5 tree (planned in place, no in-memory copy), then the `after` members.
 #[pyfunction]
-#[pyo3(signature = (path, tensors, nodes, before, after, *, weights_name="model.weights.h5", threads=None, background=false))]
+#[pyo3(signature = (path, tensors, nodes, before, after, *, weights_name="model.weights.h5", options=None))]
 #[allow(clippy::too_many_arguments)]
 fn write_keras(
     py: Python<'_>,
@@ -116,10 +108,9 @@ fn write_keras(
     before: Vec<(String, Vec<u8>)>,
     after: Vec<(String, Vec<u8>)>,
     weights_name: &str,
-    threads: Option<usize>,
-    background: bool,
+    options: Option<PyRef<'_, PyWriteOptions>>,
 ) -> PyResult<PyJob> {
-    let (tensors, weights, opts) = plan_hdf5(py, tensors, nodes, threads, background)?;
+    let (tensors, weights) = plan_hdf5(py, tensors, nodes)?;
     let bytes_member = |(name, data): (String, Vec<u8>)| Member::Bytes { name, data };
     let members: Vec<Member> = before
         .into_iter()
@@ -132,14 +123,19 @@ fn write_keras(
         .collect();
     let layout =
         zip::plan(members, &tensors, &ZipOptions::default()).map_err(|e| to_py_err(py, &e))?;
-    Ok(start_write(py, path, layout, tensors, opts, background))
+    Ok(start_write(py, path, layout, tensors, options.as_deref()))
 }
 
 /// Writes `data` to `path` durably and atomically (temp file, fdatasync, rename, folder
 /// fsync): for small companion files such as a sharded checkpoint's index.
 #[pyfunction]
-#[pyo3(signature = (path, data, *, background=false))]
-fn write_bytes(py: Python<'_>, path: PathBuf, data: Vec<u8>, background: bool) -> PyResult<PyJob> {
+#[pyo3(signature = (path, data, *, options=None))]
+fn write_bytes(
+    py: Python<'_>,
+    path: PathBuf,
+    data: Vec<u8>,
+    options: Option<PyRef<'_, PyWriteOptions>>,
+) -> PyResult<PyJob> {
     let layout = PlannedFile {
         len: data.len() as u64,
         regions: vec![fastckpt_core::Region {
@@ -153,8 +149,7 @@ fn write_bytes(py: Python<'_>, path: PathBuf, data: Vec<u8>, background: bool) -
         path,
         layout,
         Vec::new(),
-        WriteOptions::with_threads(1),
-        background,
+        options.as_deref(),
     ))
 }
 
@@ -169,7 +164,7 @@ fn read_into(
     threads: Option<usize>,
     crc32c: bool,
 ) -> PyResult<Option<Vec<u32>>> {
-    let threads = write_options(threads, false)?.threads;
+    let threads = thread_count(threads, io::default_threads())?;
     let mut reads = Vec::with_capacity(items.len());
     for (i, (offset, arr)) in items.iter().enumerate() {
         let (dest, len) = writable_dest(arr, i)?;
@@ -189,6 +184,80 @@ fn read_into(
     Ok(crc32c.then_some(sums))
 }
 
+/// Copies `(source, destination)` array pairs on every core (at most `threads`), detached
+/// from the interpreter: the snapshot's copy into its reused host buffers. Each pair must
+/// have the same number of bytes; destinations must be writable and C-contiguous, and
+/// distinct from every other array in the call.
+#[pyfunction]
+#[pyo3(signature = (pairs, *, threads=None))]
+fn copy_into(
+    py: Python<'_>,
+    pairs: Vec<(Bound<'_, PyUntypedArray>, Bound<'_, PyUntypedArray>)>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let threads = thread_count(threads, io::default_threads())?;
+    let mut items = Vec::with_capacity(pairs.len());
+    for (i, (src, dst)) in pairs.iter().enumerate() {
+        let (src, len) = readable_source(src, i)?;
+        let (dst, dst_len) = writable_dest(dst, i)?;
+        if dst_len != len {
+            return Err(PyValueError::new_err(format!(
+                "copy {i}: the source has {len} bytes, the destination {dst_len}"
+            )));
+        }
+        items.push(host::CopyItem { src, dst, len });
+    }
+    // SAFETY: every range is a live array that `pairs` keeps alive until we return; the
+    // destinations are writable and, by this function's contract, distinct.
+    py.detach(|| unsafe { host::copy_parallel(&items, threads) });
+    Ok(())
+}
+
+/// Faults in the pages of `buffer` (a writable C-contiguous array) on an idle-priority
+/// thread, without changing its content; returns the job. The job keeps the array alive.
+#[pyfunction]
+fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<PyJob> {
+    let (ptr, len) = writable_dest(&buffer, 0)?;
+    let owner = HeldArray {
+        _array: buffer.into_any().unbind(),
+        ptr,
+        len,
+    };
+    let work = move || {
+        let held = owner;
+        // SAFETY: `held` keeps the array, and so its buffer, alive; prefaulting never
+        // changes a byte, so it may race with writers of the same memory.
+        unsafe { host::prefault(held.ptr, held.len) }
+            .map_err(|e| fastckpt_core::Error::io("prefault snapshot memory", PathBuf::new(), e))?;
+        Ok(Output::new(Vec::new(), held.len as u64))
+    };
+    Ok(PyJob::start_named(
+        "fastckpt-prefault",
+        py,
+        work,
+        When::Background { after: None },
+        io::Effort::default(),
+    ))
+}
+
+/// Makes a temp file beside `target` with `length` bytes reserved, on an idle-priority
+/// thread; the job's `result().paths[0]` is the file, for a first write to reuse
+/// (`WriteOptions(reuse=...)`).
+#[pyfunction]
+fn reserve_spare(py: Python<'_>, target: PathBuf, length: u64) -> PyJob {
+    let work = move || {
+        let spare = io::reserve_spare(&target, length)?;
+        Ok(Output::new(vec![spare], length))
+    };
+    PyJob::start_named(
+        "fastckpt-prefault",
+        py,
+        work,
+        When::Background { after: None },
+        io::Effort::default(),
+    )
+}
+
 /// The CRC-32 (zip's) of `length` bytes of `path` at `offset`, read in parallel: checks a
 /// stored zip member in place.
 #[pyfunction]
@@ -200,7 +269,7 @@ fn crc32_of_range(
     length: u64,
     threads: Option<usize>,
 ) -> PyResult<u32> {
-    let threads = write_options(threads, false)?.threads;
+    let threads = thread_count(threads, io::default_threads())?;
     py.detach(|| io::crc32_of_range(&path, offset, length, threads))
         .map_err(|e| to_py_err(py, &e))
 }
@@ -302,11 +371,16 @@ fn _inject_delay(ms: u64) -> PyResult<()> {
 #[pymodule]
 fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyJob>()?;
+    m.add_class::<PyWriteOptions>()?;
+    m.add_class::<job::PyWriteReport>()?;
     m.add_function(wrap_pyfunction!(write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(write_hdf5, m)?)?;
     m.add_function(wrap_pyfunction!(write_keras, m)?)?;
     m.add_function(wrap_pyfunction!(write_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(read_into, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_into, m)?)?;
+    m.add_function(wrap_pyfunction!(prefault, m)?)?;
+    m.add_function(wrap_pyfunction!(reserve_spare, m)?)?;
     m.add_function(wrap_pyfunction!(crc32_of_range, m)?)?;
     m.add_function(wrap_pyfunction!(safetensors_header, m)?)?;
     m.add_function(wrap_pyfunction!(sweep_stale_temps, m)?)?;

@@ -7,9 +7,9 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::direct::{self, DirectFile};
+use super::direct::DirectFile;
 use super::fault::{self, Stage};
-use super::parallel::{plan_pieces, run_pieces, Digests};
+use super::parallel::{plan_pieces, run_pieces_with, Digests, Width};
 use super::temp::{sweep_stale_temps, temp_path_for};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -17,18 +17,37 @@ use crate::tensor::Tensor;
 
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
-    /// Writer threads for the payloads (at least 1).
-    pub threads: usize,
+    /// Writer threads for the payloads (at least 1), and how many once the write is
+    /// hurried (see [`Effort`]).
+    pub width: Width,
     /// Write the page-aligned middle of large payloads with `O_DIRECT` where the
-    /// filesystem supports it (see `direct.rs`). Default: on, unless `FASTCKPT_DIRECT_IO=0`.
+    /// filesystem supports it (see `direct.rs`). Default: on.
     pub direct_io: bool,
+    /// A file to write the new checkpoint into instead of a new temp file: the one an
+    /// earlier write to this target kept (see `keep_replaced`). Memory or blocks that a
+    /// file already holds cost nothing to allocate again, and allocating them is most of
+    /// what a write to tmpfs costs. Used only if it is one of this process's temp files
+    /// beside the target with no other link; otherwise a new temp file is made.
+    pub reuse: Option<PathBuf>,
+    /// Keep the file this write replaces, under a new temp name, for the next write to
+    /// the target to reuse (reported in [`Written::kept`]).
+    pub keep_replaced: bool,
+}
+
+/// What [`write_file_keeping`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Written {
+    /// The new file's length.
+    pub len: u64,
+    /// The file the write replaced, kept under a temp name (see `keep_replaced`).
+    pub kept: Option<PathBuf>,
 }
 
 impl WriteOptions {
-    /// The defaults, with `threads` writer threads.
+    /// The defaults, with exactly `threads` writer threads.
     pub fn with_threads(threads: usize) -> Self {
         WriteOptions {
-            threads,
+            width: Width::fixed(threads),
             ..Self::default()
         }
     }
@@ -37,8 +56,10 @@ impl WriteOptions {
 impl Default for WriteOptions {
     fn default() -> Self {
         WriteOptions {
-            threads: super::default_threads(),
-            direct_io: direct::enabled_by_env(),
+            width: Width::fixed(super::default_threads()),
+            direct_io: true,
+            reuse: None,
+            keep_replaced: false,
         }
     }
 }
@@ -50,6 +71,16 @@ pub fn write_file(
     tensors: &[Tensor],
     opts: &WriteOptions,
 ) -> Result<u64> {
+    write_file_keeping(target, layout, tensors, opts).map(|w| w.len)
+}
+
+/// [`write_file`], reusing and keeping files as `opts` says.
+pub fn write_file_keeping(
+    target: &Path,
+    layout: &dyn Layout,
+    tensors: &[Tensor],
+    opts: &WriteOptions,
+) -> Result<Written> {
     check_layout(layout, tensors)?;
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -75,15 +106,28 @@ pub fn write_file(
         ));
     }
     sweep_stale_temps(&dir);
-    let temp = temp_path_for(target);
-    let result = write_temp(&temp, target, layout, tensors, opts).and_then(|len| {
-        commit(&temp, target, &dir)?;
-        Ok(len)
-    });
+    let reused = opts.reuse.as_deref().filter(|p| reusable(p, &dir));
+    let temp = reused.map_or_else(|| temp_path_for(target), Path::to_path_buf);
+    let result =
+        write_temp(&temp, target, layout, tensors, opts, reused.is_some()).and_then(|len| {
+            let kept = commit(&temp, target, &dir, opts.keep_replaced)?;
+            Ok(Written { len, kept })
+        });
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
     result
+}
+
+/// Whether `path` may be written over: one of this process's temp files in `dir`, with no
+/// other name (so no checkpoint can be changed through it).
+fn reusable(path: &Path, dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ours = path.parent() == Some(dir)
+        && path
+            .file_name()
+            .is_some_and(|n| super::temp::writer_pid(n) == Some(std::process::id() as i32));
+    ours && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.nlink() == 1)
 }
 
 fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
@@ -120,14 +164,23 @@ fn write_temp(
     layout: &dyn Layout,
     tensors: &[Tensor],
     opts: &WriteOptions,
+    reused: bool,
 ) -> Result<u64> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(temp)
-        .map_err(|e| Error::io("create a temp file beside", target, e))?;
+    let file = if reused {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(temp)
+            .map_err(|e| Error::io("open the kept file beside", target, e))?
+    } else {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(temp)
+            .map_err(|e| Error::io("create a temp file beside", target, e))?
+    };
     let len = layout.file_len();
     reserve(&file, len).map_err(|e| Error::io("reserve space for", target, e))?;
 
@@ -143,7 +196,7 @@ fn write_temp(
     } else {
         None
     };
-    run_pieces(&pieces, opts.threads, |piece| {
+    run_pieces_with(&pieces, &opts.width, |piece| {
         fault::delay();
         fault::check(Stage::Write)?;
         let bytes_of = |e: &super::parallel::Extent| {
@@ -170,7 +223,8 @@ fn write_temp(
     })
     .map_err(|e| Error::io("write", target, e))?;
 
-    for region in layout.regions(&digests.finish())? {
+    let regions = layout.regions(&digests.finish())?;
+    for region in &regions {
         if region.offset + region.bytes.len() as u64 > len {
             return Err(Error::invalid(format!(
                 "metadata at {} + {} lies past the planned end {len}",
@@ -181,10 +235,43 @@ fn write_temp(
         file.write_all_at(&region.bytes, region.offset)
             .map_err(|e| Error::io("write", target, e))?;
     }
+    if reused {
+        // A new file reads as zeros wherever nothing was written; a reused one still holds
+        // the old checkpoint there. Make it the same file a fresh write gives.
+        let written = slots
+            .iter()
+            .map(|s| (s.offset, tensors[s.tensor].nbytes()))
+            .chain(regions.iter().map(|r| (r.offset, r.bytes.len() as u64)));
+        zero_gaps(&file, written, len).map_err(|e| Error::io("write", target, e))?;
+        file.set_len(len)
+            .map_err(|e| Error::io("truncate the kept file beside", target, e))?;
+    }
     fault::check(Stage::Fsync)
         .and_then(|_| file.sync_data())
         .map_err(|e| Error::io("fdatasync the temp file of", target, e))?;
     Ok(len)
+}
+
+/// Makes a temp file beside `target` holding `len` bytes of reserved space (zeros), for a
+/// first write to reuse (`WriteOptions::reuse`): on tmpfs the reservation is the page
+/// allocation a write would otherwise pay, so making it ahead, while the CPU is idle, takes
+/// it off the write. Returns its path; on failure nothing is left behind.
+pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
+    let temp = temp_path_for(target);
+    let made = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&temp)
+        .and_then(|file| reserve(&file, len));
+    match made {
+        Ok(()) => Ok(temp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&temp);
+            Err(Error::io("reserve space beside", target, e))
+        }
+    }
 }
 
 /// Sizes the file up front: a full disk or a file-size limit fails here, before any payload
@@ -205,12 +292,165 @@ fn reserve(file: &File, len: u64) -> io::Result<()> {
     }
 }
 
-fn commit(temp: &Path, target: &Path, dir: &Path) -> Result<()> {
-    fault::check(Stage::Rename)
-        .and_then(|_| std::fs::rename(temp, target))
-        .map_err(|e| Error::io("rename temp file onto", target, e))?;
-    // The rename is durable only once the folder's entry is on disk.
-    fault::check(Stage::DirFsync)
-        .and_then(|_| File::open(dir)?.sync_all())
-        .map_err(|e| Error::io("fsync folder", dir, e))
+/// Writes zeros over every byte of `[0, len)` outside the `(offset, length)` extents.
+fn zero_gaps(file: &File, extents: impl Iterator<Item = (u64, u64)>, len: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut extents: Vec<(u64, u64)> = extents.filter(|e| e.1 > 0).collect();
+    extents.sort_unstable();
+    let mut at = 0;
+    for (offset, length) in extents.into_iter().chain([(len, 0)]) {
+        while at < offset.min(len) {
+            let n = (offset.min(len) - at).min(ZEROS.len() as u64) as usize;
+            file.write_all_at(&ZEROS[..n], at)?;
+            at += n as u64;
+        }
+        at = at.max(offset + length);
+    }
+    Ok(())
+}
+
+/// Renames the temp file over the target and fsyncs the folder. With `keep`, the file it
+/// replaces is first given a temp name of its own, and returned.
+fn commit(temp: &Path, target: &Path, dir: &Path, keep: bool) -> Result<Option<PathBuf>> {
+    let kept = keep
+        .then(|| {
+            let name = temp_path_for(target);
+            std::fs::hard_link(target, &name).ok().map(|_| name)
+        })
+        .flatten();
+    if let Err(e) = fault::check(Stage::Rename).and_then(|_| std::fs::rename(temp, target)) {
+        // Still a second name of the live checkpoint: it must never be written over.
+        if let Some(name) = &kept {
+            let _ = std::fs::remove_file(name);
+        }
+        return Err(Error::io("rename temp file onto", target, e));
+    }
+    // The rename (and the kept name) are durable only once the folder's entry is on disk.
+    if let Err(e) = fault::check(Stage::DirFsync).and_then(|_| File::open(dir)?.sync_all()) {
+        if let Some(name) = &kept {
+            let _ = std::fs::remove_file(name);
+        }
+        return Err(Error::io("fsync folder", dir, e));
+    }
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{PlannedFile, Region, Slot};
+    use crate::tensor::{DType, Tensor};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Arc;
+
+    /// A file of `len` bytes: a 4-byte header region at 0 and one payload at `at`, with
+    /// gaps around both.
+    fn layout(len: u64, at: u64, payload: &[u8]) -> (PlannedFile, Vec<Tensor>) {
+        let tensor = Tensor::new(
+            "t",
+            DType::U8,
+            vec![payload.len() as u64],
+            Arc::new(payload.to_vec()),
+        )
+        .unwrap();
+        let file = PlannedFile {
+            len,
+            regions: vec![Region {
+                offset: 0,
+                bytes: b"HEAD".to_vec(),
+            }],
+            slots: vec![Slot {
+                offset: at,
+                tensor: 0,
+            }],
+        };
+        (file, vec![tensor])
+    }
+
+    fn keeping() -> WriteOptions {
+        WriteOptions {
+            keep_replaced: true,
+            ..WriteOptions::with_threads(2)
+        }
+    }
+
+    #[test]
+    fn a_kept_file_holds_the_replaced_checkpoint_under_a_name_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.bin");
+        let (first, t1) = layout(64, 16, &[1; 8]);
+        let w = write_file_keeping(&target, &first, &t1, &keeping()).unwrap();
+        assert_eq!(w.kept, None, "nothing was replaced");
+        let before = std::fs::read(&target).unwrap();
+        let (second, t2) = layout(64, 16, &[2; 8]);
+        let w = write_file_keeping(&target, &second, &t2, &keeping()).unwrap();
+        let kept = w.kept.expect("the first file is kept");
+        assert!(super::super::is_temp_name(kept.file_name().unwrap()));
+        assert_eq!(std::fs::read(&kept).unwrap(), before);
+        assert_eq!(std::fs::metadata(&kept).unwrap().nlink(), 1);
+        assert_eq!(std::fs::read(&target).unwrap()[16..24], [2; 8]);
+    }
+
+    #[test]
+    fn a_reused_file_ends_up_byte_for_byte_a_fresh_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.bin");
+        // A long, busy old checkpoint, then a shorter new one laid out differently.
+        let (big, t_big) = layout(9000, 100, &[0xAB; 8000]);
+        write_file(&target, &big, &t_big, &keeping()).unwrap();
+        let (again, t_again) = layout(9000, 100, &[0xCD; 8000]);
+        let kept = write_file_keeping(&target, &again, &t_again, &keeping())
+            .unwrap()
+            .kept
+            .unwrap();
+        let (small, t_small) = layout(300, 200, &[7; 50]);
+        let opts = WriteOptions {
+            reuse: Some(kept.clone()),
+            ..keeping()
+        };
+        let w = write_file_keeping(&target, &small, &t_small, &opts).unwrap();
+        assert!(!kept.exists(), "the kept file became the target");
+        let fresh_path = dir.path().join("fresh.bin");
+        write_file(
+            &fresh_path,
+            &small,
+            &t_small,
+            &WriteOptions::with_threads(1),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(&fresh_path).unwrap()
+        );
+        assert_eq!(w.len, 300);
+        assert!(w.kept.is_some(), "and the replaced one is kept in turn");
+    }
+
+    #[test]
+    fn only_a_lone_temp_file_of_this_process_is_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.bin");
+        let (file, tensors) = layout(64, 16, &[5; 8]);
+        let other_pid = dir.path().join(".c.bin.fastckpt-1-0.tmp");
+        let not_temp = dir.path().join("precious.bin");
+        let linked = temp_path_for(&target);
+        std::fs::write(&linked, b"x").unwrap();
+        std::fs::hard_link(&linked, dir.path().join("second-name")).unwrap();
+        for candidate in [&other_pid, &not_temp, &linked] {
+            if !candidate.exists() {
+                std::fs::write(candidate, b"keep me").unwrap();
+            }
+            let before = std::fs::read(candidate).unwrap();
+            let opts = WriteOptions {
+                reuse: Some(candidate.clone()),
+                ..WriteOptions::with_threads(1)
+            };
+            write_file(&target, &file, &tensors, &opts).unwrap();
+            if candidate != &other_pid {
+                // (pid 1's temp file is left to its owner, or swept: it is not ours.)
+                assert_eq!(std::fs::read(candidate).unwrap(), before, "{candidate:?}");
+            }
+            assert_eq!(std::fs::read(&target).unwrap()[16..24], [5; 8]);
+        }
+    }
 }

@@ -13,7 +13,7 @@
 //! share a page-cache page. Direct I/O is used only where `statx` reports its alignment
 //! (`STATX_DIOALIGN`: ext4, xfs, btrfs, f2fs ...; not tmpfs), and a write the filesystem
 //! refuses (`EINVAL`) is redone buffered with direct I/O switched off for the rest of the
-//! file. `FASTCKPT_DIRECT_IO=0` switches it off altogether.
+//! file. `WriteOptions::direct_io` switches it off altogether.
 
 use std::alloc::{self, Layout};
 use std::ffi::CString;
@@ -30,17 +30,6 @@ const STATX_DIOALIGN: u32 = 0x2000;
 const PAGE: u64 = 4096;
 /// Unaligned memory goes through a bounce buffer of this size, per piece in flight.
 const BOUNCE_BYTES: usize = 2 << 20;
-
-/// Whether `FASTCKPT_DIRECT_IO` allows direct I/O (anything but `0`, `false`, `off`, `no`).
-pub fn enabled_by_env() -> bool {
-    match std::env::var("FASTCKPT_DIRECT_IO") {
-        Ok(v) => !matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "0" | "false" | "off" | "no"
-        ),
-        Err(_) => true,
-    }
-}
 
 /// The alignments direct I/O needs for the regular file `path`: (memory, file offset), or
 /// None where its filesystem has no direct I/O or does not say.

@@ -8,9 +8,11 @@ mod parallel;
 mod read;
 mod temp;
 
-pub use commit::{write_file, WriteOptions};
+pub use commit::{reserve_spare, write_file, write_file_keeping, WriteOptions, Written};
+pub(crate) use parallel::background_priority;
 pub use parallel::combine;
-pub(crate) use parallel::idle_priority;
+pub use parallel::BACKGROUND_NICE;
+pub use parallel::{Effort, Width};
 pub use read::{crc32_of_range, read_into, ReadItem};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 
@@ -23,9 +25,8 @@ pub fn default_threads() -> usize {
 }
 
 /// Writer threads for a background save when the caller does not say: a quarter of the
-/// cores (at least 1, at most 8), leaving the rest to training. A background writer only
-/// gets idle CPU, and on 2 cores a second one mostly competed for it: steps slowed alike
-/// (1.00-1.05x against 1.01-1.05x, four bench runs) and one writer was as fast or faster.
+/// cores (at least 1, at most 8), leaving the rest to training; every core joins once the
+/// write is waited for (see [`Effort`]).
 pub fn default_background_threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get() / 4)

@@ -7,7 +7,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::PIECE_BYTES;
 use crate::layout::Digest;
@@ -101,9 +101,78 @@ pub(crate) fn plan_pieces(items: &[(u64, usize)], batch_small: bool) -> Vec<Piec
     pieces
 }
 
+/// How hard a write works: it starts with `threads` threads and grows to `hurried_threads`
+/// once someone is waiting for it (see [`Effort`]).
+#[derive(Clone, Debug)]
+pub struct Width {
+    pub threads: usize,
+    pub hurried_threads: usize,
+    pub effort: Effort,
+}
+
+impl Width {
+    /// Exactly `threads` threads, from start to end.
+    pub fn fixed(threads: usize) -> Width {
+        Width {
+            threads,
+            hurried_threads: threads,
+            effort: Effort::default(),
+        }
+    }
+}
+
+/// Whether anyone waits for a write: a background write uses few threads at low priority so
+/// that training keeps the cores; once training (or anyone) waits for it, nothing else wants
+/// the cores and the write takes them all. Clones share one flag.
+#[derive(Clone, Debug, Default)]
+pub struct Effort {
+    shared: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Effort {
+    /// Asks every write that shares this effort to use all its threads from now on.
+    pub fn hurry(&self) {
+        let (hurried, changed) = &*self.shared;
+        *hurried.lock().unwrap() = true;
+        changed.notify_all();
+    }
+
+    pub fn is_hurried(&self) -> bool {
+        *self.shared.0.lock().unwrap()
+    }
+
+    /// Blocks until hurried (true) or until `finished` is set and announced (false).
+    fn wait_for_hurry(&self, finished: &AtomicBool) -> bool {
+        let (hurried, changed) = &*self.shared;
+        let guard = changed
+            .wait_while(hurried.lock().unwrap(), |h| {
+                !*h && !finished.load(Ordering::Acquire)
+            })
+            .unwrap();
+        *guard
+    }
+
+    /// Wakes threads blocked in [`Effort::wait_for_hurry`] so they can see `finished`.
+    fn announce(&self) {
+        let (hurried, changed) = &*self.shared;
+        drop(hurried.lock().unwrap());
+        changed.notify_all();
+    }
+}
+
 /// Runs `work` over every piece on up to `threads` threads, in file order as far as threads
 /// allow. Stops handing out pieces after the first error, which it returns.
 pub(crate) fn run_pieces<F>(pieces: &[Piece], threads: usize, work: F) -> io::Result<()>
+where
+    F: Fn(&Piece) -> io::Result<()> + Sync,
+{
+    run_pieces_with(pieces, &Width::fixed(threads), work)
+}
+
+/// [`run_pieces`] with a width that can grow while it runs: `width.threads` take pieces
+/// from the start, the other `hurried_threads - threads` join once the effort is hurried.
+/// Every thread runs at the priority of the calling thread (it inherits it).
+pub(crate) fn run_pieces_with<F>(pieces: &[Piece], width: &Width, work: F) -> io::Result<()>
 where
     F: Fn(&Piece) -> io::Result<()> + Sync,
 {
@@ -122,17 +191,30 @@ where
             return;
         }
     };
-    let threads = threads.clamp(1, pieces.len().max(1));
-    if threads == 1 {
+    let most = pieces.len().max(1);
+    let threads = width.threads.clamp(1, most);
+    let extra = width.hurried_threads.min(most).saturating_sub(threads);
+    if threads == 1 && extra == 0 {
         worker();
     } else {
+        let finished = AtomicBool::new(false);
         std::thread::scope(|s| {
-            for _ in 0..threads {
+            for _ in 0..extra {
                 s.spawn(|| {
-                    lower_priority();
-                    worker()
+                    if width.effort.wait_for_hurry(&finished) {
+                        worker();
+                    }
                 });
             }
+            let base: Vec<_> = (1..threads).map(|_| s.spawn(worker)).collect();
+            worker();
+            for handle in base {
+                // A panic in a worker resurfaces when the scope ends.
+                let _ = handle.join();
+            }
+            // Every piece is taken: extras still waiting for a hurry go home.
+            finished.store(true, Ordering::Release);
+            width.effort.announce();
         });
     }
     match first_error.into_inner().unwrap() {
@@ -141,30 +223,25 @@ where
     }
 }
 
-/// Lowers the calling thread's CPU priority by 10 nice levels (at most 19), so that writer threads yield
-/// the cores to training when both want them and use whatever is idle otherwise. Only
-/// threads fastckpt spawned call it, never the caller's own thread. Best effort.
-pub(crate) fn lower_priority() {
-    // SAFETY: plain syscalls; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
+/// Puts the calling thread, a background job's own, at the lowest priority of the normal
+/// scheduler (nice 19); the threads it starts inherit it. Against a busy core it gets a
+/// small share (CFS weight 15 against 1024), so training keeps its cores but a write still
+/// ends while training runs. `SCHED_IDLE`, the earlier choice, starves such a writer
+/// completely when training keeps every core busy, so the write was left for the next
+/// checkpoint to wait for; and a starved thread holding a kernel lock (the memory map
+/// while faulting pages in, a file's pages while writing) makes normal threads wait with
+/// it (README, "Training while a checkpoint is written"). An unprivileged thread cannot
+/// raise its priority again, so nothing waits on a writer's priority: when someone waits
+/// for a write, more threads join it (see [`Effort`]). Best effort.
+pub(crate) fn background_priority() {
+    // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
     unsafe {
-        let now = libc::getpriority(libc::PRIO_PROCESS, 0);
-        libc::setpriority(libc::PRIO_PROCESS, 0, (now + 10).min(19));
+        libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
     }
 }
 
-/// Puts the calling thread, a background job's own, in `SCHED_IDLE`: it (and the threads it
-/// starts, which inherit the policy) runs only on CPU time nothing else wants. Nice +10
-/// still gives a writer a tenth of a busy core, which showed as 8-17% slower training steps
-/// on 2 cores; `SCHED_IDLE` gave 1-3% (README, "Training while a checkpoint is written").
-/// When training waits for the save, the cores are idle and the write runs at full speed.
-/// Falls back to [`lower_priority`] where the policy is refused.
-pub(crate) fn idle_priority() {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-        lower_priority();
-    }
-}
+/// The nice value of background writers.
+pub const BACKGROUND_NICE: i32 = 19;
 
 /// Per-item digests, assembled from the digests of their parts in any arrival order.
 pub(crate) struct Digests {
@@ -286,5 +363,67 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    }
+
+    #[test]
+    fn a_hurried_run_grows_to_its_hurried_width() {
+        use std::time::{Duration, Instant};
+        let pieces = plan_pieces(
+            &(0..40u64).map(|i| (i << 20, 1 << 20)).collect::<Vec<_>>(),
+            false,
+        );
+        let width = Width {
+            threads: 1,
+            hurried_threads: 3,
+            effort: Effort::default(),
+        };
+        let active = AtomicUsize::new(0);
+        let most_before = AtomicUsize::new(0);
+        let most_after = AtomicUsize::new(0);
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let effort = width.effort.clone();
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(60));
+                effort.hurry();
+            });
+            run_pieces_with(&pieces, &width, |_| {
+                let now = active.fetch_add(1, Ordering::SeqCst) + 1;
+                let most = if width.effort.is_hurried() {
+                    &most_after
+                } else {
+                    &most_before
+                };
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+                active.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        });
+        assert_eq!(
+            most_before.load(Ordering::SeqCst),
+            1,
+            "one thread until hurried"
+        );
+        assert_eq!(most_after.load(Ordering::SeqCst), 3, "three once hurried");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn threads_waiting_for_a_hurry_that_never_comes_go_home() {
+        let pieces = plan_pieces(&[(0, 10), (1 << 20, 10)], false);
+        let width = Width {
+            threads: 1,
+            hurried_threads: 4,
+            effort: Effort::default(),
+        };
+        let count = AtomicUsize::new(0);
+        run_pieces_with(&pieces, &width, |_| {
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }

@@ -21,7 +21,7 @@ pub fn temp_path_for(target: &Path) -> PathBuf {
 }
 
 /// The process id in a name made by [`temp_path_for`], if it is one.
-fn writer_pid(name: &OsStr) -> Option<i32> {
+pub(crate) fn writer_pid(name: &OsStr) -> Option<i32> {
     let name = name.to_str()?;
     let rest = name.strip_prefix('.')?.strip_suffix(SUFFIX)?;
     let (_, tail) = rest.rsplit_once(MARK)?;

@@ -1,0 +1,105 @@
+//! `fastckpt._fastckpt.WriteOptions`: how and when one write runs, as one typed value.
+
+use std::path::PathBuf;
+
+use fastckpt_core::io::{self, WriteOptions};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::job::{PyJob, When};
+
+/// `threads` as given, or the default; at least 1.
+pub fn thread_count(threads: Option<usize>, default: usize) -> PyResult<usize> {
+    match threads {
+        Some(0) => Err(PyValueError::new_err(
+            "threads must be at least 1. Received: threads=0",
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    }
+}
+
+#[pyclass(name = "WriteOptions", module = "fastckpt._fastckpt", frozen)]
+pub struct PyWriteOptions {
+    #[pyo3(get)]
+    threads: Option<usize>,
+    #[pyo3(get)]
+    background: bool,
+    #[pyo3(get)]
+    queue_after: Option<Py<PyJob>>,
+    #[pyo3(get)]
+    reuse: Option<PathBuf>,
+    #[pyo3(get)]
+    keep_replaced: bool,
+    #[pyo3(get)]
+    direct_io: bool,
+}
+
+#[pymethods]
+impl PyWriteOptions {
+    #[new]
+    #[pyo3(signature = (*, threads=None, background=false, queue_after=None, reuse=None, keep_replaced=false, direct_io=true))]
+    fn new(
+        threads: Option<usize>,
+        background: bool,
+        queue_after: Option<Py<PyJob>>,
+        reuse: Option<PathBuf>,
+        keep_replaced: bool,
+        direct_io: bool,
+    ) -> PyResult<Self> {
+        thread_count(threads, 1)?;
+        if queue_after.is_some() && !background {
+            return Err(PyValueError::new_err(
+                "queue_after needs background=True: a synchronous write runs at once",
+            ));
+        }
+        Ok(PyWriteOptions {
+            threads,
+            background,
+            queue_after,
+            reuse,
+            keep_replaced,
+            direct_io,
+        })
+    }
+}
+
+impl PyWriteOptions {
+    /// The core's options. A background write starts with `threads` (default: a quarter
+    /// of the cores, see `io::default_background_threads`) and grows to every core once it
+    /// is waited for; a synchronous one, which its caller is waiting for, uses every core.
+    pub fn core(&self) -> WriteOptions {
+        let all = io::default_threads();
+        let mut opts = WriteOptions::with_threads(self.threads.unwrap_or(all));
+        if self.background {
+            opts.width.threads = self.threads.unwrap_or_else(io::default_background_threads);
+            opts.width.hurried_threads = opts.width.threads.max(all);
+        }
+        opts.direct_io = self.direct_io;
+        opts.reuse = self.reuse.clone();
+        opts.keep_replaced = self.keep_replaced;
+        opts
+    }
+
+    pub fn when(&self) -> When<'_> {
+        if self.background {
+            When::Background {
+                after: self.queue_after.as_ref().map(|j| j.get()),
+            }
+        } else {
+            When::Here
+        }
+    }
+
+    /// The options a call gets when it passes none: synchronous, every core.
+    pub fn synchronous() -> Self {
+        PyWriteOptions {
+            threads: None,
+            background: false,
+            queue_after: None,
+            reuse: None,
+            keep_replaced: false,
+            direct_io: true,
+        }
+    }
+}
