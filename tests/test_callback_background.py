@@ -138,7 +138,7 @@ def test_files_are_complete_and_hold_the_step_they_name_when_fit_returns(tmp_pat
 def test_one_save_in_flight_at_a_time(tmp_path, monkeypatch):
     started: list[fastckpt.SaveJob] = []
     overlapping = []
-    real_save = fastckpt.api.save
+    real_save = fastckpt.api.start_save
 
     def save(*args, **kwargs):
         overlapping.extend(job for job in started if not job.done())
@@ -146,7 +146,7 @@ def test_one_save_in_flight_at_a_time(tmp_path, monkeypatch):
         started.append(job)
         return job
 
-    monkeypatch.setattr(fastckpt.api, "save", save)
+    monkeypatch.setattr(fastckpt.api, "start_save", save)
     ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "b{batch}.safetensors"), save_freq=1)
     fit([ckpt], epochs=1, big=True)
     assert len(started) == 6
@@ -259,7 +259,7 @@ def test_failed_background_save_raises_at_the_first_hook_after_it_ended(
     ckpt.on_epoch_begin(0)
     _fastckpt._inject_fault("write")
     ckpt.on_epoch_end(0, logs={"val_loss": 1.0})
-    job = ckpt._pending.handle
+    job = ckpt._saves[0].handle
     assert isinstance(job, fastckpt.SaveJob)
     job.wait(60)
     calls = {

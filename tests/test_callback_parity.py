@@ -314,6 +314,7 @@ def test_signature_is_keras_plus_keyword_only_extras():
     assert [p.name for p in extras] == [
         "max_to_keep",
         "save_on_background",
+        "snapshot_buffers",
         "threads",
         "period",
         "options",

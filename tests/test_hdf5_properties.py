@@ -80,7 +80,9 @@ def test_twenty_thousand_datasets_and_a_large_attribute(tmp_path):
     nodes = [("/g", None, [("name", "utf8", big)])]
     nodes += [(path, i, []) for i, (path, _) in enumerate(tensors)]
     path = tmp_path / "many.weights.h5"
-    _fastckpt.write_hdf5(str(path), tensors, nodes, threads=2).result()
+    _fastckpt.write_hdf5(
+        str(path), tensors, nodes, options=_fastckpt.WriteOptions(threads=2)
+    ).result()
     with h5py.File(path, "r") as f:
         assert len(f["g"]) == 20_000
         assert f["g"].attrs["name"] == big

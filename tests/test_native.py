@@ -44,7 +44,8 @@ def random_array(rng: np.random.Generator, dtype, shape) -> np.ndarray:
 
 
 def write(path, tensors, metadata=None, **kw):
-    return _fastckpt.write_safetensors(str(path), tensors, metadata or {}, **kw).result()
+    options = _fastckpt.WriteOptions(**kw)
+    return _fastckpt.write_safetensors(str(path), tensors, metadata or {}, options=options).result()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -128,7 +129,7 @@ def test_ten_thousand_tensors(tmp_path):
         assert np.array_equal(loaded[name], arr)
     with safe_open(str(path), framework="numpy") as f:
         assert f.metadata()["k"] == "v"
-    assert result[1] == os.path.getsize(path)
+    assert result.bytes == os.path.getsize(path)
 
 
 def test_checksums_are_crc32c_of_each_payload(tmp_path):
@@ -189,13 +190,17 @@ def test_write_releases_the_gil(tmp_path):
 def test_background_job_reports_and_keeps_arrays_alive(tmp_path):
     path = tmp_path / "bg.safetensors"
     job = _fastckpt.write_safetensors(
-        str(path), [("x", np.full((256, 1024), 7, np.float64))], {}, background=True
+        str(path),
+        [("x", np.full((256, 1024), 7, np.float64))],
+        {},
+        options=_fastckpt.WriteOptions(background=True),
     )
     # The only reference to the array is the job's own.
     assert job.wait(30)
     assert job.done() and job.exception() is None
-    paths, nbytes, seconds = job.result()
-    assert paths == [str(path)] and nbytes == os.path.getsize(path) and seconds > 0
+    report = job.result()
+    assert report.paths == [path] and report.bytes == os.path.getsize(path)
+    assert report.seconds > 0 and report.kept is None
     assert np.all(load_file(str(path))["x"] == 7)
 
 

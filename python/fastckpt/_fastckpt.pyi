@@ -2,6 +2,7 @@
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from typing_extensions import final
@@ -12,19 +13,57 @@ FAULT_INJECTION: bool
 DTYPES: dict[str, int]
 
 @final
+class WriteReport:
+    @property
+    def paths(self) -> list[Path]: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def seconds(self) -> float: ...
+    @property
+    def kept(self) -> Path | None: ...
+
+@final
 class Job:
     def wait(self, timeout: float | None = None) -> bool: ...
     def done(self) -> bool: ...
-    def result(self) -> tuple[list[str], int, float]: ...
+    def begun(self) -> bool: ...
+    def cancel(self) -> bool: ...
+    def hurry(self) -> None: ...
+    def result(self) -> WriteReport: ...
     def exception(self) -> BaseException | None: ...
+
+@final
+class WriteOptions:
+    def __new__(
+        cls,
+        *,
+        threads: int | None = None,
+        background: bool = False,
+        queue_after: Job | None = None,
+        reuse: str | os.PathLike[str] | None = None,
+        keep_replaced: bool = False,
+        direct_io: bool = True,
+    ) -> WriteOptions: ...
+    @property
+    def threads(self) -> int | None: ...
+    @property
+    def background(self) -> bool: ...
+    @property
+    def queue_after(self) -> Job | None: ...
+    @property
+    def reuse(self) -> Path | None: ...
+    @property
+    def keep_replaced(self) -> bool: ...
+    @property
+    def direct_io(self) -> bool: ...
 
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Sequence[tuple[str, np.ndarray]],
     metadata: dict[str, str],
     *,
-    threads: int | None = None,
-    background: bool = False,
+    options: WriteOptions | None = None,
 ) -> Job: ...
 
 _Attr = tuple[str, str, object]
@@ -35,8 +74,7 @@ def write_hdf5(
     tensors: Sequence[tuple[str, np.ndarray]],
     nodes: Sequence[_Node],
     *,
-    threads: int | None = None,
-    background: bool = False,
+    options: WriteOptions | None = None,
 ) -> Job: ...
 def write_keras(
     path: str | os.PathLike[str],
@@ -46,10 +84,11 @@ def write_keras(
     after: Sequence[tuple[str, bytes]],
     *,
     weights_name: str = "model.weights.h5",
-    threads: int | None = None,
-    background: bool = False,
+    options: WriteOptions | None = None,
 ) -> Job: ...
-def write_bytes(path: str | os.PathLike[str], data: bytes, *, background: bool = False) -> Job: ...
+def write_bytes(
+    path: str | os.PathLike[str], data: bytes, *, options: WriteOptions | None = None
+) -> Job: ...
 def read_into(
     path: str | os.PathLike[str],
     items: Sequence[tuple[int, np.ndarray]],
@@ -57,6 +96,11 @@ def read_into(
     threads: int | None = None,
     crc32c: bool = False,
 ) -> list[int] | None: ...
+def copy_into(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, threads: int | None = None
+) -> None: ...
+def prefault(buffer: np.ndarray) -> Job: ...
+def reserve_spare(target: str | os.PathLike[str], length: int) -> Job: ...
 def crc32_of_range(
     path: str | os.PathLike[str], offset: int, length: int, *, threads: int | None = None
 ) -> int: ...

@@ -94,6 +94,16 @@ def plan_shards(
     return shards, index
 
 
+@dataclasses.dataclass(frozen=True)
+class _Report:
+    """A native `WriteReport`'s fields, for the whole set of shards and the index."""
+
+    paths: list[str]
+    bytes: int
+    seconds: float
+    kept: None = None
+
+
 class ShardedJob:
     """The shards' writes run in parallel; the index is written once they all succeed, so
     a reader never finds an index that names a missing or partial shard. Same interface
@@ -104,7 +114,7 @@ class ShardedJob:
         self._index_path = index_path
         self._index = json.dumps(index, indent=4).encode()
         self._started = time.perf_counter()
-        self._outcome: tuple[list[str], int, float] | BaseException | None = None
+        self._outcome: _Report | BaseException | None = None
         self._finished = threading.Event()
         if background:
             threading.Thread(target=self._finish, name="fastckpt-shards", daemon=True).start()
@@ -115,14 +125,12 @@ class ShardedJob:
         try:
             paths, total = [], 0
             for job in self._shard_jobs:
-                shard_paths, nbytes, _ = job.result()
-                paths += shard_paths
-                total += nbytes
-            index_paths, nbytes, _ = _fastckpt.write_bytes(self._index_path, self._index).result()
-            self._outcome = (
-                index_paths + paths,
-                total + nbytes,
-                time.perf_counter() - self._started,
+                report = job.result()
+                paths += report.paths
+                total += report.bytes
+            index = _fastckpt.write_bytes(self._index_path, self._index).result()
+            self._outcome = _Report(
+                index.paths + paths, total + index.bytes, time.perf_counter() - self._started
             )
         except BaseException as e:  # reported through result()/exception()
             self._outcome = e
@@ -135,7 +143,7 @@ class ShardedJob:
     def done(self) -> bool:
         return self._finished.is_set()
 
-    def result(self) -> tuple[list[str], int, float]:
+    def result(self) -> _Report:
         self._finished.wait()
         if isinstance(self._outcome, BaseException):
             raise self._outcome
@@ -158,10 +166,9 @@ def start_sharded_write(
 ) -> ShardedJob:
     shards, index = plan_shards(plan, arrays, index_path, max_shard_size)
     folder = os.path.dirname(index_path)
+    options = _fastckpt.WriteOptions(threads=threads, background=True)
     jobs = [
-        _fastckpt.write_hdf5(
-            os.path.join(folder, s.filename), s.tensors, s.nodes, threads=threads, background=True
-        )
+        _fastckpt.write_hdf5(os.path.join(folder, s.filename), s.tensors, s.nodes, options=options)
         for s in shards
     ]
     return ShardedJob(jobs, index_path, index, background)

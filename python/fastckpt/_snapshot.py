@@ -2,14 +2,25 @@
 
 This is the only stage on the training thread, so it is built for speed:
 
-- TensorFlow: one `ReadVariableOp` per variable through the eager fast path (~14 us, against
-  ~160 us for Keras's `convert_to_numpy`; a `tf.function` reading them all would be one
-  call, but tracing it takes minutes for thousands of variables). Small variables are
-  copied out by `.numpy()`. Large ones are copied into an arena of host buffers reused from
-  one save to the next (a copy into memory already touched runs several times faster than
-  into fresh memory, and releasing the variables' buffers at once spares the next training
-  step TensorFlow's copy-on-write: README, "Choosing the snapshot"). A synchronous save
-  holds the variables' own buffers instead: nothing can write them before it returns.
+- Reading: every variable's current buffer is reached without a copy where the backend
+  allows it. TensorFlow: one `ReadVariableOp` per variable through the eager fast path
+  (~14 us, against ~160 us for Keras's `convert_to_numpy`; a `tf.function` reading them all
+  would be one call, but tracing it takes minutes for thousands of variables), then a
+  DLPack view of the CPU buffer. JAX: every device-to-host transfer is started before any
+  is waited for (`copy_to_host_async`), then each array is viewed as numpy (on a CPU
+  device, its own buffer).
+- Copying: large variables are copied into an arena of host buffers reused from one save
+  to the next, by every core at once with the interpreter released (`_fastckpt.copy_into`):
+  the training thread waits for the copy anyway. Small ones are copied one by one.
+- Preparing: fresh memory costs far more to write than memory already touched (each page
+  is faulted and zeroed first, and on a VM often backed by the host first), so an arena's
+  pages are faulted in on an idle-priority thread as soon as the arena exists
+  (`Snapshotter.prepare`, called when training begins), before the first snapshot needs it.
+- Holding: a save that nothing will train past before it is written (a synchronous save,
+  or the last checkpoint of a `fit`) holds the variables' own buffers instead of copying.
+  Under TensorFlow that is always safe: it copies a variable's buffer on write while a
+  read of it is referenced. Under JAX the next training step donates (frees) the buffers,
+  so a hold is only ever taken when no step can come before the write ends.
 - Other backends, and values that are not variables: `convert_to_numpy`, one by one.
 
 The arrays handed out stay valid until the write that uses them is done: an arena is only
@@ -20,17 +31,17 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from keras.src import backend
 
+from fastckpt import _fastckpt
 from fastckpt._readers import numpy_dtype
 from fastckpt._walk import SavePlan
 
-# Variables at least this large are copied into the reused arena; smaller ones are
-# gathered into one buffer per dtype.
+# Variables at least this large are copied into the reused arena; smaller ones are copied
+# one by one.
 LARGE_BYTES = 256 << 10
 # Arena buffers start on a page, so the writer can send them to disk with direct I/O
 # without going through a bounce buffer.
@@ -43,31 +54,42 @@ def to_host(value: Any) -> np.ndarray:
     return np.asarray(backend.convert_to_numpy(value), order="C")
 
 
-class _Arena:
-    """Host buffers for the large variables of one plan, lent to one write at a time."""
+def _page_aligned(nbytes: int) -> np.ndarray:
+    """An uninitialised byte buffer that starts on a page boundary."""
+    raw = np.empty(nbytes + PAGE, np.uint8)
+    skip = -raw.ctypes.data % PAGE
+    return raw[skip : skip + nbytes]
 
-    def __init__(self) -> None:
-        self.buffers: dict[int, np.ndarray] = {}
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+class _Arena:
+    """Host buffers for the large variables of one plan, lent to one write at a time: one
+    page-aligned block, each variable's buffer starting on its own page."""
+
+    def __init__(self, specs: list[tuple[int, tuple[int, ...], np.dtype]]) -> None:
+        offsets, end = [], 0
+        for _, shape, dtype in specs:
+            offsets.append(end)
+            end += -(-_nbytes(shape, dtype) // PAGE) * PAGE
+        self.block = _page_aligned(max(end, 1))
+        self.views: dict[int, np.ndarray] = {}
+        for (index, shape, dtype), at in zip(specs, offsets, strict=True):
+            view = self.block[at : at + _nbytes(shape, dtype)]
+            self.views[index] = view.view(dtype).reshape(shape)
+        # Faulting the pages in on an idle-priority thread; a snapshot that comes first
+        # simply faults the rest itself (prefaulting never changes a byte).
+        self.prefault = _fastckpt.prefault(self.block) if end else None
         self.job: Any = None
 
     def free(self) -> bool:
         return self.job is None or self.job.done()
 
-    def buffer(self, index: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        buf = self.buffers.get(index)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = _page_aligned(shape, dtype)
-            buf.fill(0)  # touch the pages now, once, not during a later snapshot
-            self.buffers[index] = buf
-        return buf
-
-
-def _page_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data starts on a page boundary."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + PAGE, np.uint8)
-    skip = -raw.ctypes.data % PAGE
-    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+    def ready(self) -> bool:
+        """Whether the pages are faulted in (the first snapshot into it will be fast)."""
+        return self.prefault is None or self.prefault.done()
 
 
 class _Reserved:
@@ -95,6 +117,16 @@ class Snapshot:
             self._arena.job = None
 
 
+class Reader:
+    """Reads every value of a plan as host arrays; `dtypes[i]` is the dtype of value i as
+    read (under JAX with x64 off, a float64 variable holds float32 values)."""
+
+    dtypes: list[np.dtype]
+
+    def __call__(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
 class Snapshotter:
     """Takes snapshots of one plan, reusing what it can between saves."""
 
@@ -102,9 +134,32 @@ class Snapshotter:
         self.plan = plan
         self._arenas: list[_Arena] = []
         self._lock = threading.Lock()
-        self._read: Callable[[_Arena | None], list[np.ndarray]] | None = None
-        if backend.backend() == "tensorflow" and not plan.dynamic:
-            self._read = _TensorFlowReader(plan)
+        self._read: Reader | None = None
+        if not plan.dynamic:
+            name = backend.backend()
+            if name == "tensorflow":
+                self._read = _TensorFlowReader(plan)
+            elif name == "jax":
+                self._read = _JaxReader(plan)
+        # (entry index, shape, dtype) of the values copied into the arena.
+        self._specs: list[tuple[int, tuple[int, ...], np.dtype]] = []
+        if self._read is not None:
+            for i, (e, dtype) in enumerate(zip(plan.entries, self._read.dtypes, strict=True)):
+                shape = tuple(e.source.shape)
+                if _nbytes(shape, dtype) >= LARGE_BYTES:
+                    self._specs.append((i, shape, dtype))
+        #: Host memory one snapshot buffer (arena) takes.
+        self.buffer_bytes = sum(-(-_nbytes(s, d) // PAGE) * PAGE for _, s, d in self._specs)
+
+    def prepare(self, buffers: int) -> list[_Arena]:
+        """Makes sure `buffers` arenas exist (their pages faulting in on a background
+        thread), so that the first snapshots find their memory ready; returns them."""
+        if self._read is None or not self._specs:
+            return []
+        with self._lock:
+            while len(self._arenas) < buffers:
+                self._arenas.append(_Arena(self._specs))
+            return list(self._arenas[:buffers])
 
     def _arena_for_next(self) -> _Arena:
         """A free arena, reserved for the caller (saves from several threads never share
@@ -112,19 +167,28 @@ class Snapshotter:
         with self._lock:
             arena = next((a for a in self._arenas if a.free()), None)
             if arena is None:
-                arena = _Arena()
+                arena = _Arena(self._specs)
                 self._arenas.append(arena)
             arena.job = _Reserved()
             return arena
 
     def take(self, hold: bool = False) -> Snapshot:
+        """Host arrays of every value, copied into a free arena, or with `hold` the
+        backend's own buffers where it can lend them (see the module's docstring)."""
         if self._read is None:
             return Snapshot([to_host(e.source) for e in self.plan.entries], None)
-        if hold:
-            return Snapshot(self._read(None), None)
+        arrays = self._read()
+        if hold or not self._specs:
+            return Snapshot(arrays, None)
         arena = self._arena_for_next()
         try:
-            return Snapshot(self._read(arena), arena)
+            pairs = []
+            for i, _, _ in self._specs:
+                dest = arena.views[i]
+                pairs.append((arrays[i], dest))
+                arrays[i] = dest
+            _fastckpt.copy_into(pairs)
+            return Snapshot(arrays, arena)
         except BaseException:
             arena.job = None
             raise
@@ -156,13 +220,10 @@ def _host_view(tensor: Any) -> np.ndarray:
     return tensor.numpy()
 
 
-class _TensorFlowReader:
-    """Reads every variable of a plan with TensorFlow's fast-path eager op.
-
-    A `tf.function` over thousands of variables would read them in one call, but tracing
-    it takes minutes (quadratic in captures, TF 2.21). One `ReadVariableOp` per variable
-    through the eager fast path costs ~14 us, an order of magnitude below Keras's path.
-    """
+class _TensorFlowReader(Reader):
+    """Reads every variable of a plan with TensorFlow's fast-path eager op: large ones as
+    views of their buffers (TensorFlow copies a variable's buffer on write while a read of
+    it is referenced, so a view keeps the value of the snapshot), small ones as copies."""
 
     def __init__(self, plan: SavePlan) -> None:
         from tensorflow.python.ops import gen_resource_variable_ops
@@ -171,30 +232,37 @@ class _TensorFlowReader:
         tf_vars = [e.source.value for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
-        self._dtypes = [
-            numpy_dtype(backend.standardize_dtype(e.source.dtype)) for e in plan.entries
-        ]
+        self.dtypes = [numpy_dtype(backend.standardize_dtype(e.source.dtype)) for e in plan.entries]
         self._large = [
-            int(np.prod(s, dtype=np.int64)) * d.itemsize >= LARGE_BYTES
-            for s, d in zip(self._shapes, self._dtypes, strict=True)
+            _nbytes(s, d) >= LARGE_BYTES for s, d in zip(self._shapes, self.dtypes, strict=True)
         ]
 
-    def __call__(self, arena: _Arena | None) -> list[np.ndarray]:
+    def __call__(self) -> list[np.ndarray]:
         read = self._read_op
         values = [read(handle, dtype) for handle, dtype in self._handles]
         out = []
-        for i, (tensor, large) in enumerate(zip(values, self._large, strict=True)):
-            if large and arena is None:
-                # Held, not copied: the read tensor keeps the buffer alive and unchanged
-                # (TensorFlow copies a variable's buffer on write while it is referenced).
-                out.append(_host_view(tensor).reshape(self._shapes[i]))
-            elif large:
-                dest = arena.buffer(i, self._shapes[i], self._dtypes[i])
-                np.copyto(dest, _host_view(tensor).reshape(self._shapes[i]), casting="no")
-                out.append(dest)
+        for tensor, shape, large in zip(values, self._shapes, self._large, strict=True):
+            if large:
+                out.append(_host_view(tensor).reshape(shape))
             else:
                 out.append(np.asarray(tensor.numpy(), order="C"))
         return out
+
+
+class _JaxReader(Reader):
+    """Reads every variable of a plan under JAX: all device-to-host transfers are started
+    before any is waited for, then each array is viewed as numpy (on a CPU device, its own
+    buffer, which stays valid until the next training step donates it)."""
+
+    def __init__(self, plan: SavePlan) -> None:
+        self._variables = [e.source for e in plan.entries]
+        self.dtypes = [np.dtype(v.value.dtype) for v in self._variables]
+
+    def __call__(self) -> list[np.ndarray]:
+        values = [v.value for v in self._variables]
+        for value in values:
+            value.copy_to_host_async()
+        return [np.asarray(value, order="C") for value in values]
 
 
 _snapshotters: weakref.WeakKeyDictionary[SavePlan, Snapshotter] = weakref.WeakKeyDictionary()
@@ -211,11 +279,9 @@ def snapshotter_for(plan: SavePlan) -> Snapshotter:
 def snapshot(plan: SavePlan, *, hold: bool = False) -> Snapshot:
     """Host arrays of every value in the plan, in plan order.
 
-    With `hold` (for a save that blocks its caller until the file is written), large
-    TensorFlow variables are lent as views of their own buffers instead of copied into the
-    arena: no copy and no arena memory, and since training cannot step before the save
-    returns and drops the views, no copy-on-write lands on the next step either. A
-    background save must not hold: the next step would pay that copy (README, "Choosing
-    the snapshot").
+    With `hold` (for a save that no training step will pass before it is written: a
+    synchronous save, or the last checkpoint of a `fit`), large variables are lent as the
+    backend's own buffers instead of copied into the arena: no copy and no arena memory.
+    A background save during training must not hold (README, "Choosing the snapshot").
     """
     return snapshotter_for(plan).take(hold)

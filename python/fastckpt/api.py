@@ -18,7 +18,7 @@ from fastckpt import _fastckpt, _layouts, _readers, _sharding
 from fastckpt._errors import CheckpointContentError
 from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._restore import assign_all
-from fastckpt._snapshot import snapshot
+from fastckpt._snapshot import snapshot, snapshotter_for
 from fastckpt._walk import SavePlan, plan_for
 
 FORMAT_VERSION = "1"
@@ -57,6 +57,7 @@ class SaveJob:
     ):
         self._job = job
         self.path = path
+        self.kept: str | None = None
         self._started = started
         # Walk + snapshot time; the writer reports its own duration, so a result collected
         # late does not count the time nobody was waiting.
@@ -67,8 +68,18 @@ class SaveJob:
         return self._job.wait(timeout)
 
     def done(self) -> bool:
-        """Whether the save has ended, successfully or not."""
+        """Whether the save has ended: successfully, with an error, or cancelled."""
         return self._job.done()
+
+    def begun(self) -> bool:
+        """Whether the write has begun (a save queued behind another has not)."""
+        return self._job.begun()
+
+    def cancel(self) -> bool:
+        """Drops the save if its write has not begun; returns whether it was dropped. A
+        dropped save never touches its file; `result()` then raises
+        `concurrent.futures.CancelledError`."""
+        return self._job.cancel()
 
     def result(self, timeout: float | None = None) -> SaveResult:
         """Waits for the save and returns its `SaveResult`, or raises its error.
@@ -78,10 +89,12 @@ class SaveJob:
         """
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
-        paths, nbytes, write_seconds = self._job.result()
-        paths = tuple(os.fspath(p) for p in paths)
-        seconds = self._before_write + write_seconds
-        return SaveResult(path=self.path, bytes=nbytes, seconds=seconds, paths=paths)
+        report = self._job.result()
+        # The file this save replaced, kept for the next save to this path to write into.
+        self.kept = None if report.kept is None else os.fspath(report.kept)
+        paths = tuple(os.fspath(p) for p in report.paths)
+        seconds = self._before_write + report.seconds
+        return SaveResult(path=self.path, bytes=report.bytes, seconds=seconds, paths=paths)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Waits for the save and returns its error, or None when it succeeded."""
@@ -128,9 +141,22 @@ def start_write(
     background: bool,
     format: str | None = None,
     max_shard_size: float | None = None,
+    queue_after: _fastckpt.Job | None = None,
+    reuse: str | None = None,
+    keep_replaced: bool = False,
 ) -> _fastckpt.Job | _sharding.ShardedJob:
-    """Hands a snapshot to the native writer for `path`'s format (stages 3-6)."""
+    """Hands a snapshot to the native writer for `path`'s format (stages 3-6); in the
+    background, after `queue_after` has ended if given. `reuse` and `keep_replaced`: see
+    `start_save`."""
     fmt = format or format_for(path)
+    options = _fastckpt.WriteOptions(
+        threads=threads,
+        background=background,
+        queue_after=queue_after,
+        reuse=reuse,
+        keep_replaced=keep_replaced,
+        direct_io=direct_io_allowed(),
+    )
     if fmt == "weights_sharded":
         if max_shard_size is None:
             raise ValueError(
@@ -149,20 +175,23 @@ def start_write(
         # Keras's own legacy saver lays out the tree (and reads the values itself);
         # fastckpt writes it in parallel, atomically and durably.
         nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
-        return _fastckpt.write_hdf5(path, values, nodes, threads=threads, background=background)
+        return _fastckpt.write_hdf5(path, values, nodes, options=options)
     tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
     if fmt == "safetensors":
         meta = _keras_metadata(model, weights_only)
-        return _fastckpt.write_safetensors(
-            path, tensors, meta, threads=threads, background=background
-        )
+        return _fastckpt.write_safetensors(path, tensors, meta, options=options)
     nodes = _layouts.weights_h5_nodes(plan, arrays)
     if fmt == "weights_h5":
-        return _fastckpt.write_hdf5(path, tensors, nodes, threads=threads, background=background)
+        return _fastckpt.write_hdf5(path, tensors, nodes, options=options)
     before, after = _layouts.keras_zip_members(model, plan)
-    return _fastckpt.write_keras(
-        path, tensors, nodes, before, after, threads=threads, background=background
-    )
+    return _fastckpt.write_keras(path, tensors, nodes, before, after, options=options)
+
+
+def direct_io_allowed() -> bool:
+    """Whether writes may use direct I/O: yes unless `FASTCKPT_DIRECT_IO` is `0`, `false`,
+    `off` or `no` (read at every save, so it can be changed at run time)."""
+    value = os.environ.get("FASTCKPT_DIRECT_IO", "")
+    return value.strip().lower() not in ("0", "false", "off", "no")
 
 
 def save(
@@ -205,6 +234,44 @@ def save(
     Returns:
         A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
     """
+    job = start_save(
+        model,
+        path,
+        include_optimizer=include_optimizer,
+        overwrite=overwrite,
+        background=background,
+        threads=threads,
+        weights_only=weights_only,
+        format=format,
+        max_shard_size=max_shard_size,
+    )
+    return job if background else job.result()
+
+
+def start_save(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = True,
+    overwrite: bool = True,
+    background: bool = False,
+    threads: int | None = None,
+    weights_only: bool = False,
+    format: str | None = None,
+    max_shard_size: float | None = None,
+    queue_after: SaveJob | None = None,
+    hold: bool | None = None,
+    reuse: str | None = None,
+    keep_replaced: bool = False,
+) -> SaveJob:
+    """`save`, returning the job: the callbacks' way in.
+
+    A background write begins once `queue_after` has ended. `hold` (default: for
+    synchronous saves) lends the variables' own buffers instead of copying them: only for
+    a save that no training step will pass before its write ends. `keep_replaced` keeps
+    the file the save replaces under a temp name (`SaveJob.kept` once done), and `reuse`
+    writes into such a file instead of a new one: the memory or disk blocks it holds need
+    no allocating, which on tmpfs is most of a write's cost."""
     started = time.perf_counter()
     path = os.fspath(path)
     if format is None:
@@ -215,8 +282,7 @@ def save(
         )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    # A synchronous save blocks the caller until written: lend the variables' own buffers.
-    snap = snapshot(plan, hold=not background)
+    snap = snapshot(plan, hold=not background if hold is None else hold)
     handed_off = time.perf_counter()
     try:
         job = start_write(
@@ -229,13 +295,55 @@ def save(
             background=background,
             format=format,
             max_shard_size=max_shard_size,
+            queue_after=None if queue_after is None else queue_after._job,
+            reuse=reuse,
+            keep_replaced=keep_replaced,
         )
     except BaseException:
         snap.release()
         raise
     snap.lend_to(job)
-    handle = SaveJob(job, path, started, handed_off)
-    return handle if background else handle.result()
+    return SaveJob(job, path, started, handed_off)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare` readied: the snapshot buffers, and the job reserving a spare file."""
+
+    buffers: list[Any]
+    spare: _fastckpt.Job | None
+
+
+def prepare(
+    model: keras.Model,
+    *,
+    include_optimizer: bool = True,
+    buffers: int = 1,
+    spare_for: str | None = None,
+) -> Prepared:
+    """Readies what saves of `model` need before the first one is due: the plan (Keras's
+    traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on an
+    idle-priority thread, and with `spare_for` a file beside that path with room for the
+    checkpoint, reserved on the same kind of thread, for the first save to write into
+    (`start_save(reuse=...)`, once the job has succeeded)."""
+    plan = plan_for(model, include_optimizer)
+    arenas = snapshotter_for(plan).prepare(buffers)
+    spare = None
+    folder = os.path.dirname(os.path.abspath(spare_for)) if spare_for else None
+    if spare_for is not None and folder is not None and os.path.isdir(folder):
+        spare = _fastckpt.reserve_spare(spare_for, plan_bytes(plan))
+    return Prepared(arenas, spare)
+
+
+def plan_bytes(plan: SavePlan) -> int:
+    """The payload bytes a save of `plan` writes (its metadata comes on top)."""
+    total = 0
+    for entry in plan.entries:
+        source = entry.source
+        if isinstance(source, keras.Variable):
+            dtype = np.dtype(_readers.numpy_dtype(backend.standardize_dtype(source.dtype)))
+            total += int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
+    return total
 
 
 def _build_optimizer_if_needed(model: keras.Model, names: set[str]) -> None:

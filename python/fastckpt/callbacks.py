@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import numbers
 import os
+import string
 import sys
+import threading
 import warnings
 from typing import Any
 
@@ -42,6 +45,11 @@ class _Save:
     epoch: int
     filepath: str
     handle: api.SaveJob | api.SaveResult
+    # The kept file this save writes into (see `ModelCheckpoint._spares`).
+    reuse: str | None = None
+
+    def done(self) -> bool:
+        return not isinstance(self.handle, api.SaveJob) or self.handle.done()
 
 
 class ModelCheckpoint(MonitorCallback):
@@ -53,8 +61,14 @@ class ModelCheckpoint(MonitorCallback):
     file in the background to a temp file beside the target, fsyncs it and renames it into
     place, so a checkpoint on disk is always complete.
 
-    - At most one save is in flight per callback: a save waits for the previous one first,
-      so memory stays bounded to one snapshot.
+    - Saves are written one after another, in the order they were taken. At most
+      `snapshot_buffers` snapshots are held at once (one being written, the others
+      queued), so host memory stays bounded; a save that finds them all taken waits for
+      the oldest, whose write then runs on every core. A queued save whose write has not
+      begun is dropped when a newer save to the same file comes (never for another file).
+    - Before the first save is due (when training begins), the snapshot buffers are
+      allocated and their memory faulted in on an idle-priority thread, so the first
+      checkpoint pauses training no longer than the later ones.
     - When `fit()` returns, every checkpoint it asked for is durable (`on_train_end`
       waits); `wait_until_finished()` does the same on demand.
     - A background save that failed raises its error at the next callback hook (end of a
@@ -89,6 +103,11 @@ class ModelCheckpoint(MonitorCallback):
             (with `save_best_only`, the best); older ones are deleted off the training
             thread. Files this callback did not write are never touched. `None` keeps all.
         save_on_background: `False` saves on the training thread, like Keras.
+        snapshot_buffers: how many snapshots of the model's state may be held in host
+            memory at once, each one copy of the saved state (the weights and optimizer
+            variables). 1 (the default) makes a save wait for the previous write; 2 lets
+            training go on while one write runs and another waits its turn, which pays
+            when checkpoints come faster than a write ends.
         threads: writer threads per save (default: one per core, at most 8, for a
             synchronous save; a quarter of the cores, at least 1, in the background).
         period: from tf.keras 2.x / R keras: save every `period` epochs (epochs
@@ -120,6 +139,7 @@ class ModelCheckpoint(MonitorCallback):
         *,
         max_to_keep=None,
         save_on_background=True,
+        snapshot_buffers=1,
         threads=None,
         period=None,
         options=None,
@@ -173,6 +193,7 @@ class ModelCheckpoint(MonitorCallback):
         )
         self.threads = None if threads is None else _positive_int("threads", threads)
         self.save_on_background = bool(save_on_background)
+        self.snapshot_buffers = _positive_int("snapshot_buffers", snapshot_buffers)
         self.options = options
         if options is not None:
             warnings.warn(
@@ -184,9 +205,15 @@ class ModelCheckpoint(MonitorCallback):
             )
 
         self._epochs_since_last_save = 0
-        self._pending: _Save | None = None
+        self._unprepared = False
+        # Saves handed to the writer and not yet reported, oldest first.
+        self._saves: list[_Save] = []
         # Files this callback wrote, oldest first: (main path, every path of that save).
         self._written: list[tuple[str, tuple[str, ...]]] = []
+        # For each file this callback rewrites, the file its last save replaced, kept
+        # under a temp name for the next save of it to write into (its memory or disk
+        # blocks need no allocating again); removed when training ends.
+        self._spares: dict[str, Any] = {}  # a path, or the job reserving one
         self._retention: concurrent.futures.ThreadPoolExecutor | None = None
         self._deletions: list[concurrent.futures.Future] = []
 
@@ -195,10 +222,42 @@ class ModelCheckpoint(MonitorCallback):
     def on_train_begin(self, logs=None):
         # A save left running by an interrupted `fit` ends (or raises) before a new one.
         self.wait_until_finished()
+        self._unprepared = True
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Readies the snapshot buffers (see `api.prepare`) once the variables a save
+        holds all exist, so that their memory is faulted in while the first steps run
+        (TensorFlow traces the first one on one core for a second or more)."""
+        if not self._unprepared or not self.model.built:
+            return
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is not None and not optimizer.built:
+            # TensorFlow without a distribution strategy builds the optimizer in the first
+            # training step; build it now, as Keras does when there is one (and as its
+            # BackupAndRestore does before restoring), so its variables are in the plan.
+            with _strategy_scope(self.model):
+                optimizer.build(self.model.trainable_variables)
+        self._unprepared = False
+        # A file name without placeholders is rewritten by every save: reserve room beside
+        # it now, for the first save to write into (later saves reuse what they replace).
+        fixed = _is_fixed(self.filepath)
+        prepared = api.prepare(
+            self.model,
+            buffers=self.snapshot_buffers if self._buffered() else 0,
+            spare_for=self.filepath if fixed and self.filepath not in self._spares else None,
+        )
+        if prepared.spare is not None:
+            self._spares[os.path.abspath(self.filepath)] = prepared.spare
+
+    def _buffered(self) -> bool:
+        """Whether saves copy the state into snapshot buffers: background saves do, but not
+        of a legacy `.h5` file, whose values Keras's own saver reads."""
+        return self.save_on_background and self._format() != "legacy_h5"
 
     def on_train_batch_end(self, batch, logs=None):
-        if self._pending is not None and self._pending_done():
-            self._collect()
+        self._prepare()
+        self._collect()
         if self._should_save_on_batch(batch):
             self._save_model(epoch=self._current_epoch, batch=batch, logs=logs)
 
@@ -206,8 +265,7 @@ class ModelCheckpoint(MonitorCallback):
         self._current_epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._pending is not None and self._pending_done():
-            self._collect()
+        self._collect()
         if self.monitor_op is None:
             # Delay setup until the model's metrics are all built
             self._set_monitor_op()
@@ -219,10 +277,21 @@ class ModelCheckpoint(MonitorCallback):
                 self._save_model(epoch=epoch, batch=None, logs=logs)
 
     def on_train_end(self, logs=None):
-        self.wait_until_finished()
+        try:
+            self.wait_until_finished()
+        finally:
+            self._drop_spares()
+
+    def _drop_spares(self) -> None:
+        """Removes the kept files: off the training thread, since freeing a large file
+        takes time and nothing waits for it (a leftover is a temp file that the next save
+        into its folder sweeps once this process is gone)."""
+        spares, self._spares = list(self._spares.values()), {}
+        _drop_when_done(spares)
 
     def wait_until_finished(self) -> None:
-        """Blocks until the save in flight is durable and `max_to_keep`'s deletions are done.
+        """Blocks until every save in flight is durable and `max_to_keep`'s deletions are
+        done. The writes run on every core while this waits.
 
         Raises:
             OSError: the save failed (its own error: `PermissionError`, ...); the file it
@@ -230,7 +299,8 @@ class ModelCheckpoint(MonitorCallback):
             fastckpt.CheckpointError: the save failed for another reason.
         """
         try:
-            self._collect(wait=True)
+            while self._saves:
+                self._collect(wait=True)
         finally:
             self._finish_deletions()
 
@@ -292,20 +362,20 @@ class ModelCheckpoint(MonitorCallback):
         """Decides, prints, and hands the save to the writer."""
         filepath = self._get_file_path(epoch, batch, logs)
         save, message = self._decide(epoch, logs, filepath)
-        if save:
-            # One save in flight: the previous one ends first, and its line is printed
-            # (or its error raised) before this one's.
-            self._collect(wait=True)
+        if save and self.save_on_background:
+            self._make_room(filepath, epoch)
         if message is not None and self.verbose > 0:
             io_utils.print_msg(message)
         if not save:
             return
+        queued_behind = self._saves[-1].handle if self._saves else None
+        reuse = self._take_spare(filepath)
         try:
             # Create host directory if it doesn't exist.
             dirname = os.path.dirname(filepath)
             if dirname and not file_utils.exists(dirname):
                 file_utils.makedirs(dirname)
-            handle = api.save(
+            job = api.start_save(
                 self.model,
                 filepath,
                 include_optimizer=True,
@@ -314,14 +384,58 @@ class ModelCheckpoint(MonitorCallback):
                 threads=self.threads,
                 weights_only=self.save_weights_only,
                 format=self._format(),
+                queue_after=queued_behind if isinstance(queued_behind, api.SaveJob) else None,
+                # No training step comes between the last checkpoint of a `fit` and the
+                # wait for it in `on_train_end`: its write can read the variables' own
+                # buffers, and the copy is saved.
+                hold=True if self._is_last_step(epoch, batch) else None,
+                reuse=reuse,
+                keep_replaced=True,
             )
-        except IsADirectoryError:
-            raise _directory_error(filepath) from None
-        self._pending = _Save(epoch, filepath, handle)
+            handle = job if self.save_on_background else job.result()
+        except BaseException as e:
+            if reuse is not None:  # unused, or gone with the failed write
+                _remove_files([reuse])
+            if isinstance(e, IsADirectoryError):
+                raise _directory_error(filepath) from None
+            raise
+        if not self.save_on_background:
+            self._keep_spare(filepath, job.kept)
+        self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
             _IN_FLIGHT.add(handle)
         else:
             self._collect()
+
+    def _make_room(self, filepath: str, epoch: int) -> None:
+        """Before a background save: reports the saves that ended, drops a queued save to
+        the same file that has not begun, and waits until fewer than `snapshot_buffers`
+        saves hold a snapshot."""
+        self._collect()
+        for queued in list(self._saves):
+            handle = queued.handle
+            if queued.filepath == filepath and isinstance(handle, api.SaveJob) and handle.cancel():
+                self._saves.remove(queued)
+                _IN_FLIGHT.discard(handle)
+                if queued.reuse is not None:
+                    self._keep_spare(filepath, queued.reuse)
+                if self.verbose > 0:
+                    io_utils.print_msg(
+                        f"\nEpoch {queued.epoch + 1}: the save to {filepath} was dropped "
+                        f"before its write began: the save of epoch {epoch + 1} replaces it"
+                    )
+        while sum(not s.done() for s in self._saves) >= self.snapshot_buffers:
+            self._collect(wait=True)
+
+    def _is_last_step(self, epoch: int, batch: int | None) -> bool:
+        """Whether `fit` ends right after this hook, with no training step in between."""
+        params = self.params or {}
+        if params.get("epochs") is None or epoch != params["epochs"] - 1:
+            return False
+        if batch is None:
+            return True
+        steps = params.get("steps")
+        return steps is not None and batch >= steps - 1
 
     def _get_file_path(self, epoch, batch, logs):
         """Returns the file path for checkpoint."""
@@ -354,36 +468,64 @@ class ModelCheckpoint(MonitorCallback):
 
     # Background saves and retention ------------------------------------------------------
 
-    def _pending_done(self) -> bool:
-        handle = self._pending.handle
-        return not isinstance(handle, api.SaveJob) or handle.done()
-
     def _collect(self, wait: bool = False) -> None:
-        """Reports the pending save if it ended (waiting for it if `wait`): prints its line,
-        records its files for `max_to_keep`, or raises its error."""
-        pending = self._pending
-        if pending is None:
+        """Reports the saves that ended, oldest first (waiting for the oldest if `wait`):
+        prints their lines, records their files for `max_to_keep`, or raises an error."""
+        while self._saves:
+            pending = self._saves[0]
+            handle = pending.handle
+            if isinstance(handle, api.SaveJob):
+                if not wait and not handle.done():
+                    return
+                while not handle.wait(_WAIT_SLICE_S):
+                    pass
+            # Forgotten before anything can raise: an error is reported once.
+            self._saves.pop(0)
+            wait = False
+            if isinstance(handle, api.SaveJob):
+                _IN_FLIGHT.discard(handle)
+            try:
+                if isinstance(handle, api.SaveJob):
+                    result = handle.result()
+                    self._keep_spare(pending.filepath, handle.kept)
+                else:
+                    result = handle
+            except IsADirectoryError:
+                raise _directory_error(pending.filepath) from None
+            except BaseException:
+                # A save that failed before its write began leaves its kept file unused.
+                if pending.reuse is not None:
+                    _remove_files([pending.reuse])
+                raise
+            if self.verbose > 0:
+                io_utils.print_msg(
+                    f"\nEpoch {pending.epoch + 1}: finished saving model to "
+                    f"{pending.filepath} ({_size_text(result.bytes)} in "
+                    f"{_seconds_text(result.seconds)})"
+                )
+            self._record(result)
+            self._report_deletions()
+
+    def _take_spare(self, filepath: str) -> str | None:
+        """The kept file for a save of `filepath` to write into, if one is ready."""
+        spare = self._spares.pop(os.path.abspath(filepath), None)
+        if spare is None or isinstance(spare, str):
+            return spare
+        # A reservation made when training began: usable once it has succeeded.
+        if spare.done() and spare.exception() is None:
+            return os.fspath(spare.result().paths[0])
+        _drop_when_done([spare])
+        return None
+
+    def _keep_spare(self, filepath: str, spare: str | None) -> None:
+        """Keeps `spare` for the next save of `filepath`; one per file (an extra one, left
+        by two saves of the file in flight at once, is removed)."""
+        if spare is None:
             return
-        handle = pending.handle
-        if isinstance(handle, api.SaveJob):
-            if not wait and not handle.done():
-                return
-            while not handle.wait(_WAIT_SLICE_S):
-                pass
-        # Forgotten before anything can raise: an error is reported once.
-        self._pending = None
-        _IN_FLIGHT.discard(handle)
-        try:
-            result = handle.result() if isinstance(handle, api.SaveJob) else handle
-        except IsADirectoryError:
-            raise _directory_error(pending.filepath) from None
-        if self.verbose > 0:
-            io_utils.print_msg(
-                f"\nEpoch {pending.epoch + 1}: finished saving model to {pending.filepath} "
-                f"({_size_text(result.bytes)} in {_seconds_text(result.seconds)})"
-            )
-        self._record(result)
-        self._report_deletions()
+        previous = self._spares.get(os.path.abspath(filepath))
+        self._spares[os.path.abspath(filepath)] = spare
+        if previous is not None and previous != spare:
+            _drop_when_done([previous])
 
     def _record(self, result: api.SaveResult) -> None:
         # Absolute, so that a change of working folder cannot aim a deletion elsewhere.
@@ -426,6 +568,13 @@ class ModelCheckpoint(MonitorCallback):
         self._report_deletions(wait=True)
 
 
+def _strategy_scope(model: Any) -> Any:
+    """The scope of the model's TensorFlow distribution strategy, where it has one."""
+    if backend.backend() != "tensorflow" or getattr(model, "distribute_strategy", None) is None:
+        return contextlib.nullcontext()
+    return model.distribute_strategy.scope()
+
+
 _SAFETENSORS_NOTE = " (fastckpt.ModelCheckpoint also accepts `.safetensors`)"
 
 
@@ -445,6 +594,31 @@ def _positive_int(name: str, value: Any) -> int:
     if not ok or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return int(value)
+
+
+def _drop_when_done(spares: list[Any]) -> None:
+    """Removes kept files (paths, or jobs still reserving one) on a daemon thread."""
+    if not spares:
+        return
+
+    def drop() -> None:
+        paths = []
+        for spare in spares:
+            if isinstance(spare, str):
+                paths.append(spare)
+            elif spare.wait() and spare.exception() is None:
+                paths.append(os.fspath(spare.result().paths[0]))
+        _remove_files(paths)
+
+    threading.Thread(target=drop, name="fastckpt-spares", daemon=True).start()
+
+
+def _is_fixed(filepath: str) -> bool:
+    """Whether `filepath` has no `{...}` fields: every save writes the same file."""
+    try:
+        return all(field is None for _, field, _, _ in string.Formatter().parse(filepath))
+    except ValueError:
+        return False
 
 
 def _remove_files(paths: list[str]) -> list[tuple[str, OSError]]:

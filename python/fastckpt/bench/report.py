@@ -6,7 +6,15 @@ import json
 import os
 from typing import Any
 
-from fastckpt.bench.targets import SNAPSHOT_FLOOR, WRITE_FLOOR, Index, check_all, median
+from fastckpt.bench.measure import fmt_bytes
+from fastckpt.bench.targets import (
+    SNAPSHOT_FLOOR,
+    WRITE_FLOOR,
+    Index,
+    check_all,
+    keras_counterpart,
+    median,
+)
 
 READ_FLOOR = "floor: read, 1 thread"
 
@@ -111,6 +119,80 @@ def targets_section(rows: list[dict]) -> list[str]:
             for r in rows
         ],
     )
+    return out
+
+
+def wholefit_section(idx: Index) -> list[str]:
+    from fastckpt.bench.wholefit import COPY_FLOOR, NO_CALLBACK
+
+    cases = idx.cases("wholefit")
+    if not cases:
+        return []
+    some = idx.select("wholefit")[0]
+    out = [
+        "## Whole fit: what checkpointing blocks, first save and end-of-fit wait included",
+        "",
+        f"A new model's first `fit` ({fmt_bytes(some['state_bytes'])} of state: weights "
+        "and Adam's slots), the callback saving to one file name unless the name says `{n}` "
+        "(a new file each time). *Per checkpoint*: all the time `fit` spent in the "
+        "callback's hooks (`on_train_begin`, every batch and epoch end, `on_train_end`), over "
+        "the number of checkpoints. *First*: `on_train_begin` and every hook up to the first "
+        "save. *Steady*: the median hook of the later saves. *End wait*: `on_train_end`, "
+        "until every checkpoint is durable. *Fit*: the whole fit, beside a fit without a "
+        "callback in the same rounds. The copy floor is one copy of the state into memory "
+        "already touched, one thread, in the same rounds.",
+        "",
+    ]
+    for target in idx.targets("wholefit"):
+        out += [f"### {target}", ""]
+        for case in cases:
+            recs = idx.select("wholefit", target, case)
+            if not recs:
+                continue
+            floor = median(idx.named("wholefit", target, case, COPY_FLOOR))
+            base = idx.named("wholefit", target, case, NO_CALLBACK)
+            r0 = recs[0]
+            every = "each epoch" if r0["every"] == "epoch" else f"every {r0['every']} steps"
+            out += [
+                f"**{case}**: {r0['checkpoints']} checkpoints, {every}, {r0['steps']} steps; "
+                f"copy floor {fmt_time(floor)}; fit without a callback "
+                f"{cell(base, 'fit_seconds')}.",
+                "",
+            ]
+            rows = []
+            for r in recs:
+                if r["contender"] in (COPY_FLOOR, NO_CALLBACK):
+                    continue
+                theirs = None
+                if r["family"] == "fastckpt":
+                    theirs = idx.named("wholefit", target, case, keras_counterpart(r["contender"]))
+                rows.append(
+                    [
+                        r["contender"],
+                        cell(r, "per_checkpoint"),
+                        ratio(median(r, "per_checkpoint"), floor),
+                        ratio(median(theirs, "per_checkpoint"), median(r, "per_checkpoint"))
+                        if theirs is not None
+                        else "",
+                        cell(r, "first"),
+                        cell(r, "steady"),
+                        cell(r, "end_of_fit_wait"),
+                        cell(r, "fit_seconds"),
+                    ]
+                )
+            out += _table(
+                [
+                    "callback",
+                    "per checkpoint",
+                    "x copy floor",
+                    "keras / fastckpt",
+                    "first",
+                    "steady",
+                    "end wait",
+                    "fit",
+                ],
+                rows,
+            )
     return out
 
 
@@ -374,6 +456,7 @@ def markdown(results: dict[str, Any], plots: list[str] = ()) -> str:
     lines = header(results)
     lines += targets_section(results["targets"])
     for section in (
+        wholefit_section,
         stall_section,
         throughput_section,
         threads_section,

@@ -128,7 +128,11 @@ def run(opts: Options) -> dict[str, Any]:
 
 
 def _run_section(section: str, ctx: Context, setup: Any) -> None:
-    if section == "throughput":
+    if section == "wholefit":
+        from fastckpt.bench.wholefit import run_children
+
+        ctx.records += run_children(ctx.settings.mode, ctx.targets, ctx.progress.say)
+    elif section == "throughput":
         from fastckpt.bench.throughput import run_sizes
 
         run_sizes(ctx)

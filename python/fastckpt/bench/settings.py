@@ -6,7 +6,16 @@ import dataclasses
 
 from fastckpt.bench.models import GIB, MIB
 
-SECTIONS = ("throughput", "threads", "variables", "stall", "slowdown", "load", "memory")
+SECTIONS = (
+    "wholefit",
+    "throughput",
+    "threads",
+    "variables",
+    "stall",
+    "slowdown",
+    "load",
+    "memory",
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,6 +143,86 @@ def stall_checks(idx: Index, target: str) -> list[dict]:
     return rows
 
 
+def keras_counterpart(contender: str) -> str:
+    """The Keras callback a fastckpt one is compared with: the same format (Keras has no
+    `.safetensors` callback: its `.weights.h5` one)."""
+    suffix = contender.rsplit(" ", 1)[1].replace("{n}", "")
+    if suffix == ".safetensors":
+        suffix = ".weights.h5"
+    return f"keras ModelCheckpoint {suffix}"
+
+
+def wholefit_checks(idx: Index, target: str) -> list[dict]:
+    """Issue [1/6]'s targets, on the whole-fit figure: blocked per checkpoint with the first
+    save and the end-of-fit wait in it."""
+    from fastckpt.bench.wholefit import COPY_FLOOR
+
+    rows = []
+    for case in idx.cases("wholefit"):
+        floor_rec = idx.named("wholefit", target, case, COPY_FLOOR)
+        if floor_rec is None:
+            continue
+        floor = median(floor_rec)
+        assert floor is not None
+        ours = [r for r in idx.select("wholefit", target, case) if r["family"] == "fastckpt"]
+
+        def per(r: dict | None) -> float | None:
+            return median(r, "per_checkpoint")
+
+        if case.startswith("far apart, short"):
+            fck = idx.named("wholefit", target, case, "fastckpt ModelCheckpoint .weights.h5")
+            value = per(fck)
+            if value is not None:
+                goal = 1.5 * floor + 0.020
+                rows.append(
+                    _row(
+                        f"whole-fit blocked per checkpoint <= 1.5x copy floor + 20 ms ({case})",
+                        target,
+                        "<= 1.5x + 20 ms",
+                        _x((value - 0.020) / floor),
+                        value <= goal,
+                        f"{_ms(value)} vs copy floor {_ms(floor)} (goal {_ms(goal)}); first "
+                        f"{_ms(median(fck, 'first'))}, steady {_ms(median(fck, 'steady'))}, "
+                        f"end-of-fit wait {_ms(median(fck, 'end_of_fit_wait'))}",
+                    )
+                )
+            for suffix, goal in ((".weights.h5", 3.0), (".keras", 8.0)):
+                mine = idx.named("wholefit", target, case, f"fastckpt ModelCheckpoint {suffix}")
+                theirs = idx.named("wholefit", target, case, f"keras ModelCheckpoint {suffix}")
+                a, b = per(theirs), per(mine)
+                if a is None or b is None:
+                    continue
+                rows.append(
+                    _row(
+                        f"whole-fit blocked >= {goal:g}x less than keras {suffix} ({case})",
+                        target,
+                        f">= {goal:g}x",
+                        _x(a / b),
+                        a / b >= goal,
+                        f"keras {_ms(a)} vs fastckpt {_ms(b)} per checkpoint",
+                    )
+                )
+        elif case.startswith("back to back"):
+            for mine in ours:
+                theirs = idx.named("wholefit", target, case, keras_counterpart(mine["contender"]))
+                a, b = per(theirs), per(mine)
+                if a is None or b is None:
+                    continue
+                name = mine["contender"].replace("fastckpt ModelCheckpoint ", "")
+                rows.append(
+                    _row(
+                        f"back to back: blocked <= 1.0x keras's callback ({name}, {case})",
+                        target,
+                        "<= 1.0x",
+                        _x(b / a),
+                        b <= a,
+                        f"fastckpt {_ms(b)} vs {theirs['contender'] if theirs else '?'} "
+                        f"{_ms(a)} per checkpoint",
+                    )
+                )
+    return rows
+
+
 def throughput_checks(idx: Index, target: str) -> list[dict]:
     cases = idx.cases("throughput")
     if not cases:
@@ -295,6 +375,7 @@ def check_all(results: dict[str, Any]) -> list[dict]:
             targets.setdefault(r["target"], None)
     rows = []
     for check in (
+        wholefit_checks,
         stall_checks,
         throughput_checks,
         variables_checks,
