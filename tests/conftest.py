@@ -66,3 +66,20 @@ def forkserver(tmp_path_factory):
     server = ForkServer(tmp_path_factory.mktemp("forkserver") / "server.log")
     yield server
     server.close()
+
+
+@pytest.fixture
+def fault_injection():
+    """The test build's fault switch (`_inject_fault`, `_inject_delay`), off again after."""
+    from fastckpt import _fastckpt
+
+    try:
+        _fastckpt._inject_fault(None)
+    except ValueError:
+        pytest.fail(
+            "this build of fastckpt has no fault injection: build the extension with "
+            "`make dev` (cargo build -p fastckpt-python --features fault-injection)"
+        )
+    yield
+    _fastckpt._inject_fault(None)
+    _fastckpt._inject_delay(0)

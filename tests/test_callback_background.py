@@ -107,19 +107,6 @@ class ArmFault(keras.callbacks.Callback):
             _fastckpt._inject_fault(self.stage)
 
 
-@pytest.fixture
-def fault_injection():
-    try:
-        _fastckpt._inject_fault(None)
-    except ValueError:
-        pytest.fail(
-            "this build of fastckpt has no fault injection: build the extension with "
-            "`make dev` (cargo build -p fastckpt-python --features fault-injection)"
-        )
-    yield
-    _fastckpt._inject_fault(None)
-
-
 # Background saves are complete, and hold the step they name ------------------------------
 
 

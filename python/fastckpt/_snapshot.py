@@ -119,9 +119,12 @@ class Snapshot:
 
 class Reader:
     """Reads every value of a plan as host arrays; `dtypes[i]` is the dtype of value i as
-    read (under JAX with x64 off, a float64 variable holds float32 values)."""
+    read (under JAX with x64 off, a float64 variable holds float32 values).
+    `views_outlive_steps`: whether the arrays read stay valid whatever the model does next
+    (else only until the next training or evaluation step)."""
 
     dtypes: list[np.dtype]
+    views_outlive_steps = False
 
     def __call__(self) -> list[np.ndarray]:
         raise NotImplementedError
@@ -172,13 +175,14 @@ class Snapshotter:
             arena.job = _Reserved()
             return arena
 
-    def take(self, hold: bool = False) -> Snapshot:
+    def take(self, hold: bool = False, background: bool = False) -> Snapshot:
         """Host arrays of every value, copied into a free arena, or with `hold` the
-        backend's own buffers where it can lend them (see the module's docstring)."""
+        backend's own buffers: always for a synchronous save (nothing steps before it
+        returns), for a background one only where they outlive training steps."""
         if self._read is None:
             return Snapshot([to_host(e.source) for e in self.plan.entries], None)
         arrays = self._read()
-        if hold or not self._specs:
+        if not self._specs or hold and (not background or self._read.views_outlive_steps):
             return Snapshot(arrays, None)
         arena = self._arena_for_next()
         try:
@@ -225,6 +229,8 @@ class _TensorFlowReader(Reader):
     views of their buffers (TensorFlow copies a variable's buffer on write while a read of
     it is referenced, so a view keeps the value of the snapshot), small ones as copies."""
 
+    views_outlive_steps = True
+
     def __init__(self, plan: SavePlan) -> None:
         from tensorflow.python.ops import gen_resource_variable_ops
 
@@ -252,7 +258,8 @@ class _TensorFlowReader(Reader):
 class _JaxReader(Reader):
     """Reads every variable of a plan under JAX: all device-to-host transfers are started
     before any is waited for, then each array is viewed as numpy (on a CPU device, its own
-    buffer, which stays valid until the next training step donates it)."""
+    buffer, which stays valid only until the next training or evaluation step donates it:
+    Keras's jitted steps donate the state they are given)."""
 
     def __init__(self, plan: SavePlan) -> None:
         self._variables = [e.source for e in plan.entries]
@@ -276,12 +283,13 @@ def snapshotter_for(plan: SavePlan) -> Snapshotter:
     return snap
 
 
-def snapshot(plan: SavePlan, *, hold: bool = False) -> Snapshot:
+def snapshot(plan: SavePlan, *, hold: bool = False, background: bool = False) -> Snapshot:
     """Host arrays of every value in the plan, in plan order.
 
     With `hold` (for a save that no training step will pass before it is written: a
     synchronous save, or the last checkpoint of a `fit`), large variables are lent as the
-    backend's own buffers instead of copied into the arena: no copy and no arena memory.
-    A background save during training must not hold (README, "Choosing the snapshot").
+    backend's own buffers instead of copied into the arena, where that is safe: no copy
+    and no arena memory. A background save during training must not hold (README,
+    "Choosing the snapshot").
     """
-    return snapshotter_for(plan).take(hold)
+    return snapshotter_for(plan).take(hold, background)

@@ -282,7 +282,7 @@ def start_save(
         )
     _check_path(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    snap = snapshot(plan, hold=not background if hold is None else hold)
+    snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
     handed_off = time.perf_counter()
     try:
         job = start_write(

@@ -124,10 +124,10 @@ def _hook_timer(inner: Any) -> Any:
             super().set_params(params)
             self.inner.set_params(params)
 
-        def _timed(self, hook: str, *args: Any) -> None:
+        def _timed(self, hook: str, *args: Any, **kwargs: Any) -> None:
             start = time.perf_counter()
             try:
-                getattr(self.inner, hook)(*args)
+                getattr(self.inner, hook)(*args, **kwargs)
             finally:
                 self.calls.append((hook, time.perf_counter() - start))
 
@@ -140,8 +140,8 @@ def _hook_timer(inner: Any) -> Any:
         "on_train_batch_end",
     ):
 
-        def method(self, *args, _hook=hook):
-            self._timed(_hook, *args)
+        def method(self, *args, _hook=hook, **kwargs):
+            self._timed(_hook, *args, **kwargs)
 
         setattr(HookTimer, hook, method)
     return HookTimer()

@@ -1,0 +1,361 @@
+"""What keeps checkpointing off training's critical path over a whole `fit` (README,
+"Training while a checkpoint is written"): snapshot buffers ready before the first save,
+queued saves and dropped superseded ones (for the same file only), bounded host memory,
+the last checkpoint written from the variables' own buffers, and the file a save replaced
+kept and written into by the next save of that file.
+
+What a file must hold is checked against stock Keras (`save_weights` at the same step, read
+with h5py / the `safetensors` package); the mechanisms are watched from outside, through
+fastckpt's own objects only where no other view exists (which buffer a snapshot used).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import fastckpt
+from callback_support import BATCH, X, Y, assert_arrays_identical, fresh_model, h5_datasets
+from fastckpt import _fastckpt, _snapshot, _walk, api
+from fastckpt import callbacks as fastckpt_callbacks
+from test_callback_background import KerasOracle, assert_holds
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if _fastckpt.is_temp_name(n))
+
+
+def wait_for_no_temp_files(folder: Path, timeout: float = 10.0) -> list[str]:
+    """Kept files are removed on a background thread once training ends."""
+    deadline = time.monotonic() + timeout
+    while temp_files(folder) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return temp_files(folder)
+
+
+def fit(callbacks, *, epochs=2, big=True, model=None):
+    model = model if model is not None else fresh_model(big=big)
+    model.fit(X, Y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+    return model
+
+
+@contextlib.contextmanager
+def slow_writes(ms: int):
+    """Every payload write of every save sleeps `ms` first: saves overlap training."""
+    _fastckpt._inject_delay(ms)
+    try:
+        yield
+    finally:
+        _fastckpt._inject_delay(0)
+
+
+def plan_of(model: keras.Model) -> _walk.SavePlan:
+    """The plan fastckpt cached for `model` (without walking it again)."""
+    return _walk._plans[model][True]
+
+
+# Ready before the first save ---------------------------------------------------------------
+
+
+def test_buffers_and_plan_are_ready_before_the_first_save(tmp_path):
+    """A new model whose optimizer TensorFlow would build in the first step: when training
+    begins the callback builds it (as Keras does under a distribution strategy), plans the
+    save and faults the snapshot buffer in; the first save then uses that buffer and plan."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(512), keras.layers.Dense(512)])
+    model.compile(optimizer="adam", loss="mse")
+    assert not model.optimizer.built
+    seen = {}
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0 and "plan" not in seen:
+                seen["plan"] = plan_of(self.model)
+                arenas = _snapshot.snapshotter_for(seen["plan"])._arenas
+                seen["arenas"] = list(arenas)
+                seen["ready"] = [a.prefault.wait(30) for a in arenas]
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                seen["first save plan"] = plan_of(self.model)
+                seen["first save arenas"] = list(
+                    _snapshot.snapshotter_for(seen["first save plan"])._arenas
+                )
+                seen["lent to"] = seen["arenas"][0].job
+
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.weights.h5"), save_weights_only=True)
+    oracle = KerasOracle(tmp_path / "oracle")
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    model.fit(
+        x,
+        np.zeros((16, 512), "float32"),
+        epochs=2,
+        batch_size=8,
+        verbose=0,
+        callbacks=[ckpt, Look(), oracle],
+    )
+    assert len(seen["arenas"]) == 1 and seen["ready"] == [True]
+    names = [e.path for e in seen["plan"].entries]
+    assert any(n.startswith("optimizer/") for n in names), "the optimizer's slots are planned"
+    assert seen["first save plan"] is seen["plan"], "the first save walked the model again"
+    assert seen["first save arenas"] == seen["arenas"], "the first save allocated a buffer"
+    assert seen["lent to"] is not None and not isinstance(seen["lent to"], _snapshot._Reserved)
+    assert_arrays_identical(oracle.values("e2"), h5_datasets(tmp_path / "c.weights.h5"))
+
+
+def test_a_file_name_without_fields_gets_room_reserved_before_the_first_save(tmp_path):
+    reserved = []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if not reserved:
+                reserved.append(temp_files(tmp_path))
+
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.safetensors"))
+    oracle = KerasOracle(tmp_path / "oracle")
+    fit([ckpt, Look(), oracle], epochs=2)
+    assert len(reserved[0]) == 1, "one file reserved beside c.safetensors"
+    assert_holds(tmp_path / "c.safetensors", oracle.values("e2"))
+    assert wait_for_no_temp_files(tmp_path) == []
+
+
+def test_no_room_is_reserved_for_file_names_with_fields(tmp_path):
+    seen = []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(temp_files(tmp_path))
+
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
+    fit([ckpt, Look()], epochs=1)
+    assert seen[0] == []
+
+
+# Queued saves, dropped only when superseded for the same file -----------------------------
+
+
+def test_a_queued_save_to_the_same_file_is_dropped_for_the_newer_one(tmp_path, fault_injection):
+    out = io.StringIO()
+    ckpt = fastckpt.ModelCheckpoint(
+        str(tmp_path / "c.weights.h5"),
+        save_weights_only=True,
+        save_freq=1,
+        snapshot_buffers=2,
+        verbose=1,
+    )
+    oracle = KerasOracle(tmp_path / "oracle", batches=True)
+    with slow_writes(60), contextlib.redirect_stdout(out):
+        fit([ckpt, oracle], epochs=1)
+    dropped = [line for line in out.getvalue().splitlines() if "was dropped" in line]
+    finished = [line for line in out.getvalue().splitlines() if "finished saving" in line]
+    steps = len(X) // BATCH
+    assert dropped, "with writes slower than steps, some queued save must have been dropped"
+    assert len(dropped) + len(finished) == steps, (dropped, finished)
+    # The file holds the last step, as Keras's own save of that step does.
+    assert_arrays_identical(oracle.values(f"e1b{steps}"), h5_datasets(tmp_path / "c.weights.h5"))
+
+
+def test_saves_to_different_files_are_never_dropped(tmp_path, fault_injection):
+    ckpt = fastckpt.ModelCheckpoint(
+        str(tmp_path / "ckpt" / "b{batch}.safetensors"), save_freq=1, snapshot_buffers=2
+    )
+    oracle = KerasOracle(tmp_path / "oracle", batches=True)
+    with slow_writes(60):
+        fit([ckpt, oracle], epochs=1)
+    steps = len(X) // BATCH
+    assert sorted(os.listdir(tmp_path / "ckpt")) == sorted(
+        f"b{b}.safetensors" for b in range(1, steps + 1)
+    )
+    for b in range(1, steps + 1):
+        assert_holds(tmp_path / "ckpt" / f"b{b}.safetensors", oracle.values(f"e1b{b}"))
+
+
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_host_memory_is_bounded_by_snapshot_buffers(
+    tmp_path, monkeypatch, fault_injection, buffers
+):
+    """However far the writes fall behind, at most `snapshot_buffers` saves hold a snapshot
+    at once, and no more snapshot buffers than that are ever allocated."""
+    most = []
+    real = api.start_save
+    holding: list[fastckpt.SaveJob] = []
+
+    def start_save(*args, **kwargs):
+        job = real(*args, **kwargs)
+        holding[:] = [j for j in holding if not j.done()] + [job]
+        most.append(len(holding))
+        return job
+
+    monkeypatch.setattr(api, "start_save", start_save)
+    ckpt = fastckpt.ModelCheckpoint(
+        str(tmp_path / "b{batch}.weights.h5"),
+        save_weights_only=True,
+        save_freq=1,
+        snapshot_buffers=buffers,
+    )
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(512), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    with slow_writes(40):
+        fit([ckpt], epochs=2, model=model)
+    assert max(most) == buffers, most
+    assert len(_snapshot.snapshotter_for(plan_of(model))._arenas) <= buffers
+
+
+def test_a_queued_save_that_has_not_begun_can_be_cancelled(tmp_path, fault_injection):
+    model = fresh_model(big=True)
+    with slow_writes(100):
+        first = api.start_save(model, tmp_path / "a.weights.h5", background=True)
+        second = api.start_save(
+            model, tmp_path / "b.weights.h5", background=True, queue_after=first
+        )
+        while not first.begun():
+            time.sleep(0.001)
+        assert not second.begun()
+        assert second.cancel() and second.done()
+        assert not first.cancel(), "the first one is writing"
+        first.result()
+    with pytest.raises(concurrent.futures.CancelledError):
+        second.result()
+    assert sorted(os.listdir(tmp_path)) == ["a.weights.h5"]
+
+
+# The last checkpoint, and kept files -----------------------------------------------------
+
+
+def test_the_last_checkpoint_of_a_fit_is_written_from_the_variables_own_buffers(
+    tmp_path, monkeypatch
+):
+    copies = []
+    real = _fastckpt.copy_into
+    monkeypatch.setattr(
+        _snapshot._fastckpt, "copy_into", lambda pairs, **kw: (copies.append(1), real(pairs, **kw))
+    )
+    oracle = KerasOracle(tmp_path / "oracle")
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
+    fit([ckpt, oracle], epochs=3)
+    assert len(copies) == 2, "epochs 1 and 2 copy into the buffer; epoch 3 lends the variables"
+    for e in (1, 2, 3):
+        assert_holds(tmp_path / f"{e}.safetensors", oracle.values(f"e{e}"))
+
+
+def test_each_save_writes_into_the_file_the_previous_save_replaced(tmp_path):
+    """Watched through the file's inode: the third save's file is the first save's inode,
+    kept (hidden) when the second save replaced it; the content is Keras's."""
+    inodes = []
+
+    class Look(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            ckpt.wait_until_finished()
+            inodes.append(os.stat(tmp_path / "c.safetensors").st_ino)
+
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.safetensors"))
+    oracle = KerasOracle(tmp_path / "oracle")
+    fit([ckpt, Look(), oracle], epochs=4)
+    assert inodes[2] == inodes[0] and inodes[3] == inodes[1], inodes
+    assert len(set(inodes)) == 2
+    assert_holds(tmp_path / "c.safetensors", oracle.values("e4"))
+    assert wait_for_no_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("suffix", [".weights.h5", ".safetensors", ".keras"])
+def test_a_file_written_into_a_kept_one_is_the_file_a_fresh_save_writes(tmp_path, suffix):
+    big, small = fresh_model(big=True), fresh_model()
+    target = tmp_path / f"c{suffix}"
+    api.start_save(big, target, keep_replaced=True).result()
+    job = api.start_save(big, target, keep_replaced=True)
+    job.result()
+    assert job.kept is not None and Path(job.kept).parent == tmp_path
+    # A smaller checkpoint, written into the larger kept file.
+    api.start_save(small, target, reuse=job.kept).result()
+    assert not os.path.exists(job.kept)
+    fastckpt.save(small, tmp_path / f"fresh{suffix}")
+    assert target.read_bytes() == (tmp_path / f"fresh{suffix}").read_bytes()
+
+
+def test_a_failed_rename_leaves_no_second_name_of_the_checkpoint(tmp_path, fault_injection):
+    model = fresh_model()
+    target = tmp_path / "c.safetensors"
+    fastckpt.save(model, target)
+    before = target.read_bytes()
+    _fastckpt._inject_fault("rename")
+    with pytest.raises(OSError):
+        api.start_save(model, target, keep_replaced=True).result()
+    _fastckpt._inject_fault(None)
+    assert target.read_bytes() == before
+    assert temp_files(tmp_path) == []
+    assert os.stat(target).st_nlink == 1
+
+
+# JAX -----------------------------------------------------------------------------------------
+
+
+def test_jax_checkpoints_hold_what_keras_saves(tmp_path):
+    """Under JAX (a child process: the backend is chosen at import) the callback's batched
+    snapshot writes what Keras's own `save_weights` writes at the same step, and loads back."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        os.environ["KERAS_BACKEND"] = "jax"
+        import keras, numpy as np, h5py, fastckpt
+        from fastckpt import _snapshot, _walk
+        keras.utils.set_random_seed(0)
+        def model():
+            m = keras.Sequential([keras.Input((512,)), keras.layers.Dense(512),
+                                  keras.layers.BatchNormalization(), keras.layers.Dense(4)])
+            m.compile(optimizer="adam", loss="mse")
+            return m
+        m = model()
+        x = np.random.default_rng(0).normal(size=(64, 512)).astype("float32")
+        class Oracle(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if (batch + 1) % 2 == 0:
+                    self.model.save_weights(f"{tmp_path}/keras{{batch + 1}}.weights.h5")
+        ckpt = fastckpt.ModelCheckpoint("{tmp_path}/ours{{batch}}.weights.h5",
+                                        save_weights_only=True, save_freq=2)
+        m.fit(x, x[:, :4], epochs=1, batch_size=8, verbose=0, callbacks=[ckpt, Oracle()])
+        reader = type(_snapshot.snapshotter_for(_walk.plan_for(m))._read).__name__
+        assert reader == "_JaxReader", reader
+        def datasets(p):
+            out = {{}}
+            with h5py.File(p) as f:
+                f.visititems(lambda n, o: out.__setitem__(n, o[()])
+                             if isinstance(o, h5py.Dataset) else None)
+            return out
+        for b in (2, 4, 6, 8):
+            ours = datasets(f"{tmp_path}/ours{{b}}.weights.h5")
+            theirs = datasets(f"{tmp_path}/keras{{b}}.weights.h5")
+            assert ours.keys() == theirs.keys()
+            for k in ours:
+                assert ours[k].dtype == theirs[k].dtype, k
+                assert ours[k].tobytes() == theirs[k].tobytes(), k
+        again = model()
+        fastckpt.load(again, f"{tmp_path}/ours8.weights.h5")
+        for a, b in zip(m.variables + m.optimizer.variables,
+                        again.variables + again.optimizer.variables):
+            assert np.array_equal(np.asarray(a.value), np.asarray(b.value)), a.path
+        print("ok")
+        """
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_callbacks_module_keeps_no_reference_to_finished_saves(tmp_path):
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.safetensors"), save_freq=2)
+    fit([ckpt], epochs=1)
+    assert ckpt._saves == [] and not fastckpt_callbacks._IN_FLIGHT
