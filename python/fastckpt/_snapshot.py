@@ -14,7 +14,7 @@ This is the only stage on the training thread, so it is built for speed:
   the training thread waits for the copy anyway. Small ones are copied one by one.
 - Preparing: fresh memory costs far more to write than memory already touched (each page
   is faulted and zeroed first, and on a VM often backed by the host first), so an arena's
-  pages are faulted in on an idle-priority thread as soon as the arena exists
+  pages are faulted in on a low-priority thread as soon as the arena exists
   (`Snapshotter.prepare`, called when training begins), before the first snapshot needs it.
 - Holding: a save that nothing will train past before it is written (a synchronous save,
   or the last checkpoint of a `fit`) holds the variables' own buffers instead of copying.
@@ -30,7 +30,6 @@ reused once the job it was lent to has finished.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Any
 
 import numpy as np
@@ -79,7 +78,7 @@ class _Arena:
         for (index, shape, dtype), at in zip(specs, offsets, strict=True):
             view = self.block[at : at + _nbytes(shape, dtype)]
             self.views[index] = view.view(dtype).reshape(shape)
-        # Faulting the pages in on an idle-priority thread; a snapshot that comes first
+        # Faulting the pages in on a low-priority thread; a snapshot that comes first
         # simply faults the rest itself (prefaulting never changes a byte).
         self.prefault = _fastckpt.prefault(self.block) if end else None
         self.job: Any = None
@@ -272,15 +271,12 @@ class _JaxReader(Reader):
         return [np.asarray(value, order="C") for value in values]
 
 
-_snapshotters: weakref.WeakKeyDictionary[SavePlan, Snapshotter] = weakref.WeakKeyDictionary()
-
-
 def snapshotter_for(plan: SavePlan) -> Snapshotter:
-    """The snapshotter of a plan, made once and reused while the plan is."""
-    snap = _snapshotters.get(plan)
-    if snap is None:
-        snap = _snapshotters[plan] = Snapshotter(plan)
-    return snap
+    """The snapshotter of a plan, made once and reused while the plan is (it is kept on the
+    plan: a cache keyed by the plan would keep it alive through the snapshotter)."""
+    if plan.snapshotter is None:
+        plan.snapshotter = Snapshotter(plan)
+    return plan.snapshotter
 
 
 def snapshot(plan: SavePlan, *, hold: bool = False, background: bool = False) -> Snapshot:

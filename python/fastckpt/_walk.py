@@ -56,6 +56,9 @@ class SavePlan:
     include_optimizer: bool
     # Whether some object saves assets (`.keras` only); None until the first `.keras` save.
     has_assets: bool | None = None
+    # The plan's snapshotter (`_snapshot.snapshotter_for`), made with the first snapshot and
+    # kept here so that it lives exactly as long as the plan (and the model) does.
+    snapshotter: Any = None
 
 
 class _CollectingStore(saving_lib.H5IOStore):

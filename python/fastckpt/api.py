@@ -219,7 +219,7 @@ def save(
         include_optimizer: also save the optimizer's variables (as Keras does).
         overwrite: if False, an existing file is an error.
         background: return a `SaveJob` as soon as the snapshot is taken. The write then
-            runs on threads that use only CPU time nothing else wants (`SCHED_IDLE`).
+            runs at the lowest CPU priority (nice 19) and uses every core once waited for.
         threads: writer threads (default: one per core, at most 8; in the background a
             quarter of the cores, at least 1). Large payloads go to disk with direct I/O
             where the filesystem supports it (`FASTCKPT_DIRECT_IO=0` turns that off).
@@ -323,7 +323,7 @@ def prepare(
 ) -> Prepared:
     """Readies what saves of `model` need before the first one is due: the plan (Keras's
     traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on an
-    idle-priority thread, and with `spare_for` a file beside that path with room for the
+    low-priority thread, and with `spare_for` a file beside that path with room for the
     checkpoint, reserved on the same kind of thread, for the first save to write into
     (`start_save(reuse=...)`, once the job has succeeded)."""
     plan = plan_for(model, include_optimizer)

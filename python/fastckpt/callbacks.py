@@ -66,9 +66,15 @@ class ModelCheckpoint(MonitorCallback):
       queued), so host memory stays bounded; a save that finds them all taken waits for
       the oldest, whose write then runs on every core. A queued save whose write has not
       begun is dropped when a newer save to the same file comes (never for another file).
-    - Before the first save is due (when training begins), the snapshot buffers are
-      allocated and their memory faulted in on an idle-priority thread, so the first
-      checkpoint pauses training no longer than the later ones.
+    - Before the first save is due (when training begins), the save is planned (the
+      optimizer built if it is not yet), the snapshot buffers are allocated and their
+      memory faulted in on a low-priority thread, and for a file name without `{...}`
+      fields room is reserved beside it, so the first checkpoint pauses training no
+      longer than the later ones.
+    - A save that replaces a file keeps the old one under a hidden temp name, and the next
+      save of that file writes into it (no memory or blocks to allocate again); the kept
+      files are removed when training ends. The last checkpoint of a `fit` is written
+      from the variables' own buffers where the backend allows it (TensorFlow).
     - When `fit()` returns, every checkpoint it asked for is durable (`on_train_end`
       waits); `wait_until_finished()` does the same on demand.
     - A background save that failed raises its error at the next callback hook (end of a

@@ -129,9 +129,9 @@ def run(opts: Options) -> dict[str, Any]:
 
 def _run_section(section: str, ctx: Context, setup: Any) -> None:
     if section == "wholefit":
-        from fastckpt.bench.wholefit import run_children
+        from fastckpt.bench.wholefit import run_all
 
-        ctx.records += run_children(ctx.settings.mode, ctx.targets, ctx.progress.say)
+        ctx.records += run_all(ctx.settings.mode, ctx.targets, ctx.progress.say)
     elif section == "throughput":
         from fastckpt.bench.throughput import run_sizes
 

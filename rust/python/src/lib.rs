@@ -213,7 +213,7 @@ fn copy_into(
     Ok(())
 }
 
-/// Faults in the pages of `buffer` (a writable C-contiguous array) on an idle-priority
+/// Faults in the pages of `buffer` (a writable C-contiguous array) on a low-priority
 /// thread, without changing its content; returns the job. The job keeps the array alive.
 #[pyfunction]
 fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<PyJob> {
@@ -240,7 +240,7 @@ fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<PyJob
     ))
 }
 
-/// Makes a temp file beside `target` with `length` bytes reserved, on an idle-priority
+/// Makes a temp file beside `target` with `length` bytes reserved, on a low-priority
 /// thread; the job's `result().paths[0]` is the file, for a first write to reuse
 /// (`WriteOptions(reuse=...)`).
 #[pyfunction]
