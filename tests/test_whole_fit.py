@@ -359,3 +359,22 @@ def test_callbacks_module_keeps_no_reference_to_finished_saves(tmp_path):
     ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.safetensors"), save_freq=2)
     fit([ckpt], epochs=1)
     assert ckpt._saves == [] and not fastckpt_callbacks._IN_FLIGHT
+
+
+def test_a_dropped_model_takes_its_plan_and_snapshot_buffers_with_it(tmp_path):
+    """The plan, its snapshotter and their buffers live as long as the model: nothing
+    fastckpt caches keeps a model's memory after the model is gone."""
+    import gc
+    import weakref
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(512), keras.layers.Dense(512)])
+    model.compile(optimizer="adam", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    fastckpt.save(model, tmp_path / "c.weights.h5", background=True).result()
+    plan = plan_of(model)
+    snapper = _snapshot.snapshotter_for(plan)
+    refs = [weakref.ref(x) for x in (model, plan, snapper, snapper._arenas[0])]
+    del model, plan, snapper
+    gc.collect()
+    assert [r() is None for r in refs] == [True] * 4

@@ -144,12 +144,12 @@ def stall_checks(idx: Index, target: str) -> list[dict]:
 
 
 def keras_counterpart(contender: str) -> str:
-    """The Keras callback a fastckpt one is compared with: the same format (Keras has no
-    `.safetensors` callback: its `.weights.h5` one)."""
-    suffix = contender.rsplit(" ", 1)[1].replace("{n}", "")
-    if suffix == ".safetensors":
-        suffix = ".weights.h5"
-    return f"keras ModelCheckpoint {suffix}"
+    """The Keras callback a fastckpt one is compared with: the same format and file naming
+    (Keras has no `.safetensors` callback: its `.weights.h5` one)."""
+    name = contender.rsplit(" ", 1)[1]
+    if name == ".safetensors":
+        name = ".weights.h5"
+    return f"keras ModelCheckpoint {name}"
 
 
 def wholefit_checks(idx: Index, target: str) -> list[dict]:

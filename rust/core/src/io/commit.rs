@@ -253,9 +253,11 @@ fn write_temp(
 }
 
 /// Makes a temp file beside `target` holding `len` bytes of reserved space (zeros), for a
-/// first write to reuse (`WriteOptions::reuse`): on tmpfs the reservation is the page
-/// allocation a write would otherwise pay, so making it ahead, while the CPU is idle, takes
-/// it off the write. Returns its path; on failure nothing is left behind.
+/// first write to reuse (`WriteOptions::reuse`): the space a write would otherwise have to
+/// allocate as it goes, reserved ahead, while the CPU is idle. On a filesystem in memory
+/// (tmpfs) the zeros are also written, so the memory is touched too: a page that is only
+/// reserved still costs its first touch (on a VM, the host backing it) in the write.
+/// Returns its path; on failure nothing is left behind.
 pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
     let temp = temp_path_for(target);
     let made = OpenOptions::new()
@@ -264,7 +266,13 @@ pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
         .mode(0o666)
         .custom_flags(libc::O_CLOEXEC)
         .open(&temp)
-        .and_then(|file| reserve(&file, len));
+        .and_then(|file| {
+            reserve(&file, len)?;
+            if in_memory(&file) {
+                touch(&file, len)?;
+            }
+            Ok(())
+        });
     match made {
         Ok(()) => Ok(temp),
         Err(e) => {
@@ -272,6 +280,33 @@ pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
             Err(Error::io("reserve space beside", target, e))
         }
     }
+}
+
+/// Whether the file lives on a filesystem in memory (tmpfs, ramfs).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: `fstatfs` fills the zeroed struct we own, from an open descriptor.
+    let kind = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        if libc::fstatfs(file.as_raw_fd(), &mut st) != 0 {
+            return false;
+        }
+        st.f_type as i64
+    };
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+}
+
+/// Writes zeros over `[0, len)`.
+fn touch(file: &File, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; (8 << 20).min(len as usize)];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// Sizes the file up front: a full disk or a file-size limit fails here, before any payload
