@@ -181,7 +181,7 @@ class Snapshotter:
         if self._read is None:
             return Snapshot([to_host(e.source) for e in self.plan.entries], None)
         arrays = self._read()
-        if not self._specs or hold and (not background or self._read.views_outlive_steps):
+        if not self._specs or (hold and (not background or self._read.views_outlive_steps)):
             return Snapshot(arrays, None)
         arena = self._arena_for_next()
         try:
