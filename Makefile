@@ -15,14 +15,22 @@ export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYO3_PYTHON := $(abspath $(VPY))
 
-.PHONY: demo test test-rust test-python dev system-deps bench bench-quick clean
+# The older Keras minors fastckpt supports, each tested by the format and callback tests:
+# Keras is pure Python, so each is installed on its own (no dependencies) into a folder
+# that shadows the venv's Keras on PYTHONPATH.
+KERAS_MINORS := 3.12 3.13 3.14
+KERAS_MINOR_TESTS := tests/test_formats.py tests/test_callback_parity.py \
+    tests/test_callback_background.py tests/test_keras_versions.py
+
+.PHONY: demo test test-rust test-python test-keras-minors typecheck dev system-deps bench \
+    bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q "maturin>=1.7,<2" "tensorflow-cpu==2.21.*" "keras>=3.15,<3.16" \
-	    h5py ml-dtypes numpy safetensors zstandard pytest hypothesis psutil mypy ruff \
-	    pytest-benchmark matplotlib
+	    "jax[cpu]==0.10.2" h5py ml-dtypes numpy safetensors zstandard pytest hypothesis \
+	    psutil mypy ruff pytest-benchmark matplotlib
 	touch $(STAMP)
 
 # h5dump/h5diff (oracles), strace (durability order), R + reticulate (the R keras test).
@@ -45,12 +53,24 @@ test-rust:
 	cargo clippy -q --workspace --all-targets -- -D warnings
 	cargo test -q --workspace --exclude fastckpt-python
 
-test-python: dev system-deps
+test-python: dev system-deps typecheck
 	$(VENV)/bin/ruff check python tests benches examples
 	$(VENV)/bin/ruff format --check python tests benches examples
 	$(VPY) -m pytest -q
 
-test: $(STAMP) system-deps test-rust test-python
+# mypy, strict on the package; stubtest checks the native module's stub against the module.
+typecheck: dev
+	$(VPY) -m mypy
+	$(VPY) -m mypy.stubtest fastckpt._fastckpt --allowlist python/stubtest-allowlist.txt
+
+test-keras-minors: dev
+	@for v in $(KERAS_MINORS); do \
+	    $(VPY) -m pip install -q --no-deps --upgrade --target .keras-$$v "keras==$$v.*" || exit 1; \
+	    echo "== Keras $$v"; \
+	    PYTHONPATH=.keras-$$v $(VPY) -m pytest -q -p no:cacheprovider $(KERAS_MINOR_TESTS) || exit 1; \
+	done
+
+test: $(STAMP) system-deps test-rust test-python test-keras-minors
 
 demo: dev
 	$(VPY) examples/demo.py
@@ -69,4 +89,4 @@ bench-quick: dev $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m fastckpt.cli bench --quick
 
 clean:
-	rm -rf target $(VENV) $(BENCH_VENV) python/fastckpt/*.so
+	rm -rf target $(VENV) $(BENCH_VENV) .keras-3.* python/fastckpt/*.so

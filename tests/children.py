@@ -19,6 +19,7 @@ from keras.src import backend
 
 import fastckpt
 from fastckpt import _fastckpt
+from fastckpt._fastckpt import testing
 
 SUFFIXES = {
     "safetensors": ".safetensors",
@@ -134,7 +135,7 @@ def save_as_nobody(emit, path: str, width: int = 256) -> None:
 def interrupt_wait(emit, path: str, delay_ms: int, width: int = 256) -> None:
     """Ctrl-C (SIGINT) while the main thread waits on a background save."""
     model = _model_in_state("B", width)
-    _fastckpt._inject_delay(delay_ms)
+    testing.inject_delay(delay_ms)
     job = fastckpt.save(model, path, background=True)
     sent = threading.Event()
 
@@ -150,7 +151,7 @@ def interrupt_wait(emit, path: str, delay_ms: int, width: int = 256) -> None:
         emit("not_interrupted", seconds=time.perf_counter() - t0, signalled=sent.is_set())
     except KeyboardInterrupt:
         emit("interrupted", seconds=time.perf_counter() - t0, done=job.done())
-    _fastckpt._inject_delay(0)
+    testing.inject_delay(0)
     finished = job.wait(timeout=120)
     error = job.exception(timeout=0) if finished else None
     emit("finished", finished=finished, error=repr(error) if error else None)
@@ -160,7 +161,7 @@ def exit_during_background_save(emit, path: str, delay_ms: int, width: int = 256
     """Starts a background save and returns at once: the server then ends this child with
     `sys.exit`, a normal interpreter exit with the writer thread still running."""
     model = _model_in_state("B", width)
-    _fastckpt._inject_delay(delay_ms)
+    testing.inject_delay(delay_ms)
     fastckpt.save(model, path, background=True)
     emit("started", t=time.time())
 

@@ -1,5 +1,5 @@
-"""Fuzzing harness for the Python-facing readers: `_readers.open_keras` (zip), the h5py-backed
-`open_weights_h5` / `open_legacy_h5`, and `open_safetensors` (the native header parser seen
+"""Fuzzing harness for the Python-facing readers (`fastckpt.formats`): `keras_zip` (zip), the
+h5py-backed `weights_h5` / `legacy_h5`, and `safetensors` (the native header parser seen
 from Python), all through `fastckpt.verify`, which opens a file and reads every tensor.
 
 The contract under test: for any bytes, `verify` returns a report (damaged files are

@@ -216,12 +216,16 @@ def test_overwrite_false_refuses_an_existing_file(tmp_path, trained_model):
     assert path.read_bytes() == b"previous"
 
 
-def test_unsupported_keras_version_is_named(monkeypatch):
-    from fastckpt import _compat
+@pytest.mark.parametrize("version", ["3.11.3", "3.16.0", "4.0.0"])
+def test_unsupported_keras_version_is_named(version):
+    from fastckpt import _keras_private
 
-    monkeypatch.setattr(keras, "__version__", "3.16.0")
-    with pytest.raises(ImportError, match=r"fastckpt supports keras>=3.15,<3.16, but keras 3.16.0"):
-        _compat.check_keras_version()
+    with pytest.raises(
+        ImportError, match=rf"fastckpt supports keras>=3.12,<3.16, but keras {version} is"
+    ):
+        _keras_private.check_keras_version(version)
+    for supported in ("3.12.4", "3.13.2", "3.14.1", "3.15.1"):
+        _keras_private.check_keras_version(supported)
 
 
 def test_snapshot_buffers_are_never_shared_by_two_saves_in_flight(tmp_path):

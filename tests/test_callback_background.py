@@ -35,6 +35,7 @@ from callback_support import (
     safetensors_tensors,
 )
 from fastckpt import _fastckpt
+from fastckpt._fastckpt import testing
 from fastckpt import callbacks as fastckpt_callbacks
 
 
@@ -104,7 +105,7 @@ class ArmFault(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.at:
             self.ckpt.wait_until_finished()
-            _fastckpt._inject_fault(self.stage)
+            testing.inject_fault(self.stage)
 
 
 # Background saves are complete, and hold the step they name ------------------------------
@@ -227,7 +228,7 @@ def test_failed_save_leaves_the_previous_file_under_the_same_name(tmp_path, faul
 def test_wait_until_finished_raises_a_failed_save_once(tmp_path, fault_injection):
     ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
     ckpt.set_model(fresh_model())
-    _fastckpt._inject_fault("fsync")
+    testing.inject_fault("fsync")
     ckpt.on_epoch_begin(0)
     ckpt.on_epoch_end(0, logs={"val_loss": 1.0})
     with pytest.raises(OSError):
@@ -244,7 +245,7 @@ def test_failed_background_save_raises_at_the_first_hook_after_it_ended(
     ckpt.set_model(fresh_model())
     ckpt.on_train_begin()
     ckpt.on_epoch_begin(0)
-    _fastckpt._inject_fault("write")
+    testing.inject_fault("write")
     ckpt.on_epoch_end(0, logs={"val_loss": 1.0})
     job = ckpt._saves[0].handle
     assert isinstance(job, fastckpt.SaveJob)
@@ -254,7 +255,7 @@ def test_failed_background_save_raises_at_the_first_hook_after_it_ended(
         "on_epoch_end": lambda: ckpt.on_epoch_end(1, logs={}),
         "on_train_end": lambda: ckpt.on_train_end(logs={}),
     }
-    _fastckpt._inject_fault(None)
+    testing.inject_fault(None)
     with pytest.raises(OSError) as raised:
         calls[hook]()
     assert raised.value.errno == errno.EIO

@@ -174,8 +174,8 @@ def test_any_memory_offset_and_length(dio_folder, skew):
         ("c", raw[skew + (3 << 20) + 5 : skew + (9 << 20)]),
     ]
     path = dio_folder / f"odd{skew}.safetensors"
-    _fastckpt.write_safetensors(
-        path, tensors, {}, options=_fastckpt.WriteOptions(threads=2)
+    _fastckpt.write(
+        [_fastckpt.plan_safetensors(path, tensors, {})], options=_fastckpt.WriteOptions(threads=2)
     ).result()
     back = load_file(str(path))
     for name, arr in tensors:

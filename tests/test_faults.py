@@ -24,15 +24,11 @@ import pytest
 import fastckpt
 from children import SUFFIXES, set_state
 from fastckpt import _fastckpt
+from fastckpt._fastckpt import testing
 from oracles import check_target, model_states
 
 FORMATS = list(SUFFIXES)
 STAGES = ["write", "fsync", "rename", "dir_fsync"]
-
-pytestmark = pytest.mark.skipif(
-    not _fastckpt.FAULT_INJECTION, reason="needs the extension built with fault-injection"
-)
-
 
 @pytest.fixture
 def states():
@@ -44,8 +40,8 @@ def states():
 @pytest.fixture(autouse=True)
 def _no_faults_left():
     yield
-    _fastckpt._inject_fault(None)
-    _fastckpt._inject_delay(0)
+    testing.inject_fault(None)
+    testing.inject_delay(0)
 
 
 def temps_in(folder: Path) -> list[str]:
@@ -64,10 +60,10 @@ def test_injected_failure_keeps_the_previous_checkpoint(states, tmp_path, stage,
     path = tmp_path / f"ckpt{SUFFIXES[fmt]}"
     saved(states, "A", path)
     before = path.read_bytes()
-    _fastckpt._inject_fault(stage)
+    testing.inject_fault(stage)
     with pytest.raises(OSError) as info:
         saved(states, "B", path)
-    _fastckpt._inject_fault(None)
+    testing.inject_fault(None)
     assert info.value.errno == errno.EIO
     assert not temps_in(tmp_path)
     model, values = states
@@ -87,7 +83,7 @@ def test_injected_failure_in_a_background_save_reaches_the_caller(states, tmp_pa
     path = tmp_path / "ckpt.weights.h5"
     saved(states, "A", path)
     before = path.read_bytes()
-    _fastckpt._inject_fault(stage)
+    testing.inject_fault(stage)
     job = saved(states, "B", path, background=True)
     assert job.wait(timeout=60)
     error = job.exception(timeout=0)
@@ -182,7 +178,7 @@ def test_folder_removed_mid_save(states, tmp_path, fmt):
     folder = tmp_path / "run"
     folder.mkdir()
     path = folder / f"ckpt{SUFFIXES[fmt]}"
-    _fastckpt._inject_delay(300)
+    testing.inject_delay(300)
     job = saved(states, "B", path, background=True)
     deadline = time.monotonic() + 30
     while not temps_in(folder):  # the save is under way once its temp file exists

@@ -54,16 +54,16 @@ def test_random_trees_read_back_with_h5py(tmp_path_factory, tree):
     rng = np.random.default_rng(len(datasets))
     tensors, nodes = [], []
     for path, note in groups.items():
-        nodes.append((path, None, [("name", "utf8", note)]))
+        nodes.append(_fastckpt.Node(path, None, [_fastckpt.Attr.Utf8("name", note)]))
     arrays = {}
     for path, (dtype, shape) in datasets.items():
         arr = random_array(rng, dtype, shape)
         arrays[path] = arr
-        attrs = [("dtype", "utf8", "bfloat16")] if arr.dtype == ml_dtypes.bfloat16 else []
-        nodes.append((path, len(tensors), attrs))
+        attrs = [_fastckpt.Attr.Utf8("dtype", "bfloat16")] if arr.dtype == ml_dtypes.bfloat16 else []
+        nodes.append(_fastckpt.Node(path, len(tensors), attrs))
         tensors.append((path, arr))
     target = tmp_path_factory.mktemp("h") / "t.weights.h5"
-    _fastckpt.write_hdf5(str(target), tensors, nodes).result()
+    _fastckpt.write([_fastckpt.plan_hdf5(str(target), tensors, nodes)]).result()
     with h5py.File(target, "r") as f:
         for path, note in groups.items():
             assert isinstance(f[path], h5py.Group) and f[path].attrs["name"] == note
@@ -77,11 +77,11 @@ def test_random_trees_read_back_with_h5py(tmp_path_factory, tree):
 def test_twenty_thousand_datasets_and_a_large_attribute(tmp_path):
     tensors = [(f"/g/{i}", np.full((2,), i, np.int32)) for i in range(20_000)]
     big = "é" * 30_000  # 60 KB of UTF-8
-    nodes = [("/g", None, [("name", "utf8", big)])]
-    nodes += [(path, i, []) for i, (path, _) in enumerate(tensors)]
+    nodes = [_fastckpt.Node("/g", None, [_fastckpt.Attr.Utf8("name", big)])]
+    nodes += [_fastckpt.Node(path, i, []) for i, (path, _) in enumerate(tensors)]
     path = tmp_path / "many.weights.h5"
-    _fastckpt.write_hdf5(
-        str(path), tensors, nodes, options=_fastckpt.WriteOptions(threads=2)
+    _fastckpt.write(
+        [_fastckpt.plan_hdf5(str(path), tensors, nodes)], options=_fastckpt.WriteOptions(threads=2)
     ).result()
     with h5py.File(path, "r") as f:
         assert len(f["g"]) == 20_000

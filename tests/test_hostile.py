@@ -486,9 +486,9 @@ def _heap_loop(src: Path, dst: Path) -> Path:
 
 
 def _kernel_offset(path: Path) -> int:
-    from fastckpt import _readers
+    from fastckpt import formats
 
-    return _readers.open_checkpoint(path).tensors["layers/dense/vars/0"].offset
+    return formats.open_checkpoint(path).tensors["layers/dense/vars/0"].offset
 
 
 def _pickle_file(dst: Path, folder: Path) -> Path:

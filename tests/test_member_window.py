@@ -14,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastckpt
-from fastckpt._readers import MemberWindow, open_checkpoint
+from fastckpt.formats import open_checkpoint
+from fastckpt.formats.keras_zip import MemberWindow
 
 ops = st.lists(
     st.one_of(

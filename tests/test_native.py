@@ -44,8 +44,8 @@ def random_array(rng: np.random.Generator, dtype, shape) -> np.ndarray:
 
 
 def write(path, tensors, metadata=None, **kw):
-    options = _fastckpt.WriteOptions(**kw)
-    return _fastckpt.write_safetensors(str(path), tensors, metadata or {}, options=options).result()
+    planned = _fastckpt.plan_safetensors(str(path), tensors, metadata or {})
+    return _fastckpt.write([planned], options=_fastckpt.WriteOptions(**kw)).result()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
@@ -189,12 +189,8 @@ def test_write_releases_the_gil(tmp_path):
 
 def test_background_job_reports_and_keeps_arrays_alive(tmp_path):
     path = tmp_path / "bg.safetensors"
-    job = _fastckpt.write_safetensors(
-        str(path),
-        [("x", np.full((256, 1024), 7, np.float64))],
-        {},
-        options=_fastckpt.WriteOptions(background=True),
-    )
+    planned = _fastckpt.plan_safetensors(str(path), [("x", np.full((256, 1024), 7, np.float64))], {})
+    job = _fastckpt.write([planned], options=_fastckpt.WriteOptions(background=True))
     # The only reference to the array is the job's own.
     assert job.wait(30)
     assert job.done() and job.exception() is None

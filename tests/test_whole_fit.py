@@ -28,6 +28,7 @@ import pytest
 import fastckpt
 from callback_support import BATCH, X, Y, assert_arrays_identical, fresh_model, h5_datasets
 from fastckpt import _fastckpt, _snapshot, _walk, api
+from fastckpt._fastckpt import testing
 from fastckpt import callbacks as fastckpt_callbacks
 from test_callback_background import KerasOracle, assert_holds
 
@@ -53,11 +54,11 @@ def fit(callbacks, *, epochs=2, big=True, model=None):
 @contextlib.contextmanager
 def slow_writes(ms: int):
     """Every payload write of every save sleeps `ms` first: saves overlap training."""
-    _fastckpt._inject_delay(ms)
+    testing.inject_delay(ms)
     try:
         yield
     finally:
-        _fastckpt._inject_delay(0)
+        testing.inject_delay(0)
 
 
 def plan_of(model: keras.Model) -> _walk.SavePlan:
@@ -289,10 +290,10 @@ def test_a_failed_rename_leaves_no_second_name_of_the_checkpoint(tmp_path, fault
     target = tmp_path / "c.safetensors"
     fastckpt.save(model, target)
     before = target.read_bytes()
-    _fastckpt._inject_fault("rename")
+    testing.inject_fault("rename")
     with pytest.raises(OSError):
         api.start_save(model, target, keep_replaced=True).result()
-    _fastckpt._inject_fault(None)
+    testing.inject_fault(None)
     assert target.read_bytes() == before
     assert temp_files(tmp_path) == []
     assert os.stat(target).st_nlink == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import fastckpt
 from children import state_model
 from fastckpt import _fastckpt
+from fastckpt._fastckpt import testing
 
 SCHED_OTHER = 0
 
@@ -63,7 +64,7 @@ def _writers_while_saving(
 
     watcher_tid = [0]
     watcher = threading.Thread(target=watch)
-    _fastckpt._inject_delay(100)
+    testing.inject_delay(100)
     try:
         watcher.start()
         watcher_tid[0] = watcher.native_id
@@ -73,7 +74,7 @@ def _writers_while_saving(
         if background:
             job.result()
     finally:
-        _fastckpt._inject_delay(0)
+        testing.inject_delay(0)
         done.set()
         watcher.join()
     return seen
@@ -122,7 +123,7 @@ def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
                         writers_before_wait.add(tid)
             done.wait(0.005)
 
-    _fastckpt._inject_delay(150)  # ~6 pieces: about 1 s on one thread
+    testing.inject_delay(150)  # ~6 pieces: about 1 s on one thread
     watcher = threading.Thread(target=watch)
     watcher.start()
     before.add(watcher.native_id)
@@ -133,7 +134,7 @@ def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
         waiting.set()
         job.result()
     finally:
-        _fastckpt._inject_delay(0)
+        testing.inject_delay(0)
         done.set()
         watcher.join()
     assert len(writers_before_wait) == 1, writers_before_wait

@@ -2,15 +2,17 @@
 
 `fastckpt.ModelCheckpoint` is a drop-in for `keras.callbacks.ModelCheckpoint` that saves in
 the background; `save`, `load` and `load_model` are the same engine as a plain API.
+
+Importing fastckpt imports neither Keras nor TensorFlow: the names below that need them
+import them when first used (`fastckpt inspect` and `verify` run without Keras).
 """
 
-from fastckpt._compat import check_keras_version as _check_keras_version
+from __future__ import annotations
 
-_check_keras_version()
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from fastckpt._errors import CheckpointContentError, CheckpointError  # noqa: E402
-from fastckpt.api import SaveJob, SaveResult, load, load_model, save  # noqa: E402
-from fastckpt.callbacks import ModelCheckpoint  # noqa: E402
+from fastckpt._errors import CheckpointContentError, CheckpointError
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,33 @@ __all__ = [
     "load",
     "load_model",
     "save",
+    "save_async",
 ]
+
+# Public name -> the module that defines it; imported on first use.
+_LAZY = {
+    "ModelCheckpoint": "fastckpt.callbacks",
+    "SaveJob": "fastckpt.api",
+    "SaveResult": "fastckpt.api",
+    "load": "fastckpt.api",
+    "load_model": "fastckpt.api",
+    "save": "fastckpt.api",
+    "save_async": "fastckpt.api",
+}
+
+if TYPE_CHECKING:
+    from fastckpt.api import SaveJob, SaveResult, load, load_model, save, save_async
+    from fastckpt.callbacks import ModelCheckpoint
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fastckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

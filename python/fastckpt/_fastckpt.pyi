@@ -1,113 +1,279 @@
-"""The native module: the whole boundary between Python and the Rust core."""
+"""The native module: the whole boundary between Python and the Rust core.
+
+Planning (`plan_*`) turns arrays and a format's tree into a `PlannedFile`, laid out to the
+byte; `write` writes one file, or several that commit together, as one `Job`. Errors are
+the builtin `OSError` subclasses (with errno and path) or `fastckpt.CheckpointError`s.
+"""
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from typing_extensions import final
 
+__all__ = [
+    "DEFAULT_BACKGROUND_THREADS",
+    "DEFAULT_THREADS",
+    "DTYPES",
+    "Attr",
+    "HeaderTensor",
+    "Job",
+    "Node",
+    "PlannedFile",
+    "WriteOptions",
+    "WriteReport",
+    "copy_into",
+    "crc32_of_range",
+    "is_temp_name",
+    "plan_bytes",
+    "plan_hdf5",
+    "plan_keras",
+    "plan_safetensors",
+    "prefault",
+    "read_into",
+    "reserve_spare",
+    "safetensors_header",
+    "sweep_stale_temps",
+    "write",
+]
+
+#: Writer threads of a write that somebody waits for: one per core, at most 8.
 DEFAULT_THREADS: int
+#: Writer threads of a background write until waited for: a quarter of the cores.
 DEFAULT_BACKGROUND_THREADS: int
-FAULT_INJECTION: bool
+#: The dtypes a checkpoint can hold, by numpy name, with their sizes in bytes.
 DTYPES: dict[str, int]
+
+_Path = str | os.PathLike[str]
+_Tensors = Sequence[tuple[str, np.ndarray]]
 
 @final
 class WriteReport:
+    """What a finished write produced."""
+
     @property
-    def paths(self) -> list[Path]: ...
+    def paths(self) -> list[Path]:
+        """Every file written, the main one first."""
     @property
-    def bytes(self) -> int: ...
+    def bytes(self) -> int:
+        """Bytes written, over all files."""
     @property
-    def seconds(self) -> float: ...
+    def seconds(self) -> float:
+        """From the moment the write began (not counting time queued behind another)."""
     @property
-    def kept(self) -> Path | None: ...
+    def kept(self) -> Path | None:
+        """The file the write replaced, kept under a temp name for the next write."""
 
 @final
 class Job:
-    def wait(self, timeout: float | None = None) -> bool: ...
-    def done(self) -> bool: ...
-    def begun(self) -> bool: ...
-    def cancel(self) -> bool: ...
-    def hurry(self) -> None: ...
-    def result(self) -> WriteReport: ...
-    def exception(self) -> BaseException | None: ...
+    """A write: finished when returned for a synchronous write, running otherwise."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits at most `timeout` seconds; returns whether it ended. Unless `timeout` is
+        0, the write takes every core from now on."""
+    def done(self) -> bool:
+        """Whether it ended: successfully, with an error, or cancelled."""
+    def begun(self) -> bool:
+        """Whether the write has begun (one queued behind another has not)."""
+    def cancel(self) -> bool:
+        """Drops the write if it has not begun; returns whether it was dropped."""
+    def hurry(self) -> None:
+        """Lets the write use every core from now on, without waiting for it."""
+    def result(self) -> WriteReport:
+        """Waits, then returns the report or raises the write's error."""
+    def exception(self) -> BaseException | None:
+        """Waits, then returns the write's error, or None."""
 
 @final
 class WriteOptions:
+    """How and when a write runs."""
+
     def __new__(
         cls,
         *,
         threads: int | None = None,
         background: bool = False,
         queue_after: Job | None = None,
-        reuse: str | os.PathLike[str] | None = None,
+        reuse: _Path | None = None,
         keep_replaced: bool = False,
         direct_io: bool = True,
     ) -> WriteOptions: ...
     @property
-    def threads(self) -> int | None: ...
+    def threads(self) -> int | None:
+        """Writer threads (default: `DEFAULT_THREADS`, or in the background
+        `DEFAULT_BACKGROUND_THREADS` until waited for)."""
     @property
-    def background(self) -> bool: ...
+    def background(self) -> bool:
+        """Write on a low-priority thread and return at once."""
     @property
-    def queue_after(self) -> Job | None: ...
+    def queue_after(self) -> Job | None:
+        """Begin only once this job has ended (background writes)."""
     @property
-    def reuse(self) -> Path | None: ...
+    def reuse(self) -> Path | None:
+        """A kept file of this process to write into instead of a new temp file."""
     @property
-    def keep_replaced(self) -> bool: ...
+    def keep_replaced(self) -> bool:
+        """Keep the file this write replaces, for the next write (`WriteReport.kept`)."""
     @property
-    def direct_io(self) -> bool: ...
+    def direct_io(self) -> bool:
+        """Write large payloads with `O_DIRECT` where the filesystem supports it."""
 
-def write_safetensors(
-    path: str | os.PathLike[str],
-    tensors: Sequence[tuple[str, np.ndarray]],
-    metadata: dict[str, str],
-    *,
-    options: WriteOptions | None = None,
-) -> Job: ...
+@final
+class PlannedFile:
+    """A file planned to the byte, waiting for `write`; it owns the arrays it writes."""
 
-_Attr = tuple[str, str, object]
-_Node = tuple[str, int | None, Sequence[_Attr]]
+    @property
+    def path(self) -> Path:
+        """Where it will be written."""
+    @property
+    def length(self) -> int:
+        """Its length in bytes."""
 
-def write_hdf5(
-    path: str | os.PathLike[str],
-    tensors: Sequence[tuple[str, np.ndarray]],
-    nodes: Sequence[_Node],
-    *,
-    options: WriteOptions | None = None,
-) -> Job: ...
-def write_keras(
-    path: str | os.PathLike[str],
-    tensors: Sequence[tuple[str, np.ndarray]],
-    nodes: Sequence[_Node],
+class Attr:
+    """An HDF5 attribute, in the form h5py gives the Python value Keras assigns."""
+
+    @final
+    class Utf8(Attr):
+        """A `str`: a scalar variable-length UTF-8 string."""
+
+        __match_args__: ClassVar[tuple[str, ...]]
+        def __init__(self, name: str, value: str) -> None: ...
+        @property
+        def name(self) -> str: ...
+        @property
+        def value(self) -> str: ...
+
+    @final
+    class Bytes(Attr):
+        """A `bytes`: a scalar variable-length ASCII-charset string."""
+
+        __match_args__: ClassVar[tuple[str, ...]]
+        def __init__(self, name: str, value: bytes) -> None: ...
+        @property
+        def name(self) -> str: ...
+        @property
+        def value(self) -> bytes: ...
+
+    @final
+    class StrArray(Attr):
+        """A list of `bytes`: 1-D variable-length ASCII-charset strings (given decoded)."""
+
+        __match_args__: ClassVar[tuple[str, ...]]
+        def __init__(self, name: str, values: Sequence[str]) -> None: ...
+        @property
+        def name(self) -> str: ...
+        @property
+        def values(self) -> list[str]: ...
+
+    @final
+    class FixedBytesArray(Attr):
+        """A numpy `S<width>` array: 1-D fixed-length NUL-padded strings."""
+
+        __match_args__: ClassVar[tuple[str, ...]]
+        def __init__(self, name: str, width: int, items: Sequence[bytes]) -> None: ...
+        @property
+        def name(self) -> str: ...
+        @property
+        def width(self) -> int: ...
+        @property
+        def items(self) -> list[bytes]: ...
+
+    @final
+    class EmptyList(Attr):
+        """An empty list: a 1-D float64 array of length 0."""
+
+        __match_args__: ClassVar[tuple[str, ...]]
+        def __init__(self, name: str) -> None: ...
+        @property
+        def name(self) -> str: ...
+
+@final
+class Node:
+    """A group (`tensor=None`) or a dataset (`tensor`: its index in the tensors)."""
+
+    def __new__(cls, path: str, tensor: int | None = None, attrs: Sequence[Attr] = ...) -> Node: ...
+    @property
+    def path(self) -> str:
+        """Absolute, like `"/layers/dense/vars/0"`; `"/"` is the root group."""
+    @property
+    def tensor(self) -> int | None: ...
+    @property
+    def attrs(self) -> list[Attr]: ...
+
+@final
+class HeaderTensor:
+    """One tensor as a SafeTensors header describes it, checked against the file."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str:
+        """The numpy name of the dtype."""
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def offset(self) -> int:
+        """The payload's absolute offset in the file."""
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def crc32c(self) -> int | None:
+        """The CRC-32C fastckpt recorded, if the file has one."""
+
+def plan_safetensors(path: _Path, tensors: _Tensors, metadata: dict[str, str]) -> PlannedFile:
+    """Plans a SafeTensors file (fastckpt adds a CRC-32C per tensor to the metadata)."""
+
+def plan_hdf5(path: _Path, tensors: _Tensors, nodes: Sequence[Node]) -> PlannedFile:
+    """Plans an HDF5 file from a tree of groups and datasets."""
+
+def plan_keras(
+    path: _Path,
+    tensors: _Tensors,
+    nodes: Sequence[Node],
     before: Sequence[tuple[str, bytes]],
     after: Sequence[tuple[str, bytes]],
     *,
     weights_name: str = "model.weights.h5",
-    options: WriteOptions | None = None,
-) -> Job: ...
-def write_bytes(
-    path: str | os.PathLike[str], data: bytes, *, options: WriteOptions | None = None
-) -> Job: ...
+) -> PlannedFile:
+    """Plans a `.keras` zip: `before`, the HDF5 tree as `weights_name`, then `after`."""
+
+def plan_bytes(path: _Path, data: bytes) -> PlannedFile:
+    """Plans a file holding `data`."""
+
+def write(files: Sequence[PlannedFile], *, options: WriteOptions | None = None) -> Job:
+    """Writes one file, or several that commit together (the last one last), durably and
+    atomically; returns the job (finished unless in the background)."""
+
 def read_into(
-    path: str | os.PathLike[str],
+    path: _Path,
     items: Sequence[tuple[int, np.ndarray]],
     *,
     threads: int | None = None,
     crc32c: bool = False,
-) -> list[int] | None: ...
+) -> list[int] | None:
+    """Reads `(offset, array)` items in parallel; their CRC-32C values with `crc32c`."""
+
+def crc32_of_range(path: _Path, offset: int, length: int, *, threads: int | None = None) -> int:
+    """The CRC-32 (zip's) of `length` bytes at `offset`, read in parallel."""
+
+def safetensors_header(path: _Path) -> tuple[dict[str, str], list[HeaderTensor]]:
+    """A SafeTensors file's metadata and tensors, validated, in payload order."""
+
 def copy_into(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, threads: int | None = None
-) -> None: ...
-def prefault(buffer: np.ndarray) -> Job: ...
-def reserve_spare(target: str | os.PathLike[str], length: int) -> Job: ...
-def crc32_of_range(
-    path: str | os.PathLike[str], offset: int, length: int, *, threads: int | None = None
-) -> int: ...
-def safetensors_header(
-    path: str | os.PathLike[str],
-) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int, int | None]]]: ...
-def sweep_stale_temps(folder: str | os.PathLike[str]) -> int: ...
-def is_temp_name(name: str | os.PathLike[str]) -> bool: ...
-def _inject_fault(stage: str | None) -> None: ...
-def _inject_delay(ms: int) -> None: ...
+) -> None:
+    """Copies `(source, destination)` arrays on every core, with the GIL released."""
+
+def prefault(buffer: np.ndarray) -> Job:
+    """Faults the array's pages in on a low-priority thread, without changing a byte."""
+
+def reserve_spare(target: _Path, length: int) -> Job:
+    """Reserves `length` bytes in a temp file beside `target` (the job's first path)."""
+
+def sweep_stale_temps(folder: _Path) -> int:
+    """Removes the temp files of dead fastckpt writers in `folder`; returns how many."""
+
+def is_temp_name(name: _Path) -> bool:
+    """Whether a file name is a fastckpt temp file."""

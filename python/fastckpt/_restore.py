@@ -8,18 +8,17 @@ plans with values that are not variables, go through Keras.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
-from keras.src import backend
 
+from fastckpt import _keras_private
 from fastckpt._walk import Entry
 
 
 def assign_all(entries: list[Entry], values: list[np.ndarray]) -> None:
     """Assigns `values[i]` to `entries[i].source` (a keras.Variable) for every i."""
-    if backend.backend() == "tensorflow":
-        from tensorflow.python.ops import gen_resource_variable_ops
-
-        assign = gen_resource_variable_ops.assign_variable_op
+    if keras.backend.backend() == "tensorflow":
+        assign = _keras_private.tf_assign_variable_op()
         for entry, value in zip(entries, values, strict=True):
             assign(entry.source.value.handle, value)
         return

@@ -32,12 +32,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import keras
 import numpy as np
-from keras.src import backend
 
-from fastckpt import _fastckpt
-from fastckpt._readers import numpy_dtype
+from fastckpt import _fastckpt, _keras_private
 from fastckpt._walk import SavePlan
+from fastckpt.formats import numpy_dtype
 
 # Variables at least this large are copied into the reused arena; smaller ones are copied
 # one by one.
@@ -50,7 +50,7 @@ PAGE = 4096
 def to_host(value: Any) -> np.ndarray:
     """One value as a C-contiguous host array (bfloat16 stays ml_dtypes.bfloat16)."""
     # Not np.ascontiguousarray: it turns 0-d values into 1-d arrays.
-    return np.asarray(backend.convert_to_numpy(value), order="C")
+    return np.asarray(keras.ops.convert_to_numpy(value), order="C")
 
 
 def _page_aligned(nbytes: int) -> np.ndarray:
@@ -138,7 +138,7 @@ class Snapshotter:
         self._lock = threading.Lock()
         self._read: Reader | None = None
         if not plan.dynamic:
-            name = backend.backend()
+            name = keras.backend.backend()
             if name == "tensorflow":
                 self._read = _TensorFlowReader(plan)
             elif name == "jax":
@@ -231,13 +231,11 @@ class _TensorFlowReader(Reader):
     views_outlive_steps = True
 
     def __init__(self, plan: SavePlan) -> None:
-        from tensorflow.python.ops import gen_resource_variable_ops
-
-        self._read_op = gen_resource_variable_ops.read_variable_op
+        self._read_op = _keras_private.tf_read_variable_op()
         tf_vars = [e.source.value for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
-        self.dtypes = [numpy_dtype(backend.standardize_dtype(e.source.dtype)) for e in plan.entries]
+        self.dtypes = [numpy_dtype(keras.backend.standardize_dtype(e.source.dtype)) for e in plan.entries]
         self._large = [
             _nbytes(s, d) >= LARGE_BYTES for s, d in zip(self._shapes, self.dtypes, strict=True)
         ]

@@ -7,18 +7,13 @@ the model's (and optimizer's) variables are different objects or differ in numbe
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import types
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import keras
-from keras.src.optimizers.base_optimizer import BaseOptimizer
-from keras.src.saving import saving_lib
 
-from fastckpt._compat import check_keras_version
+from fastckpt import _keras_private
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,75 +56,8 @@ class SavePlan:
     snapshotter: Any = None
 
 
-class _CollectingStore(saving_lib.H5IOStore):
-    """Stands where Keras expects an `H5IOStore` (it checks the type since 3.10) and
-    records what would be written instead of writing it."""
-
-    def __init__(self) -> None:
-        self.groups: list[tuple[str, dict[str, str]]] = []
-        self.groups_at: list[int] = []
-        self.entries: list[Entry] = []
-        self._group = ""
-        self._made = False
-
-    def __bool__(self) -> bool:
-        return True
-
-    def make(self, path, metadata=None):
-        self._group = f"{path}/vars" if path else "vars"
-        self._made = bool(metadata)
-        if metadata:
-            self.groups.append((self._group, {str(k): str(v) for k, v in metadata.items()}))
-            self.groups_at.append(len(self.entries))
-        return self
-
-    def __setitem__(self, key, value):
-        if not self._made:
-            self.groups.append((self._group, {}))
-            self.groups_at.append(len(self.entries))
-            self._made = True
-        self.entries.append(Entry(self._group, str(key), value))
-
-    def keys(self):
-        return [e.key for e in self.entries if e.group == self._group]
-
-    def __len__(self):
-        return len(self.keys())
-
-    def __contains__(self, key):
-        return key in self.keys()
-
-    def close(self) -> None:
-        pass
-
-
 def _optimizer(model: keras.Model):
     return getattr(model, "optimizer", None)
-
-
-def _store_variables(optimizer, store):
-    """`BaseOptimizer.save_own_variables`, storing the variables rather than `.numpy()`
-    copies of them, so the plan can name them and be reused."""
-    for i, variable in enumerate(optimizer.variables):
-        store[str(i)] = variable
-
-
-@contextlib.contextmanager
-def _optimizers_store_variables(model: keras.Model) -> Iterator[None]:
-    """For the walk only: Keras's optimizers save copies of their variables, which would
-    make every plan dynamic. Patch the instances (not the class) that use the stock method."""
-    patched = []
-    optimizer = _optimizer(model)
-    while isinstance(optimizer, BaseOptimizer):
-        if type(optimizer).save_own_variables is BaseOptimizer.save_own_variables:
-            optimizer.save_own_variables = types.MethodType(_store_variables, optimizer)
-            patched.append(optimizer)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-    try:
-        yield
-    finally:
-        for optimizer in patched:
-            del optimizer.save_own_variables
 
 
 def fingerprint(model: keras.Model, include_optimizer: bool) -> tuple[int, ...]:
@@ -141,7 +69,6 @@ def fingerprint(model: keras.Model, include_optimizer: bool) -> tuple[int, ...]:
 
 
 def _check_model(model: Any) -> None:
-    check_keras_version()
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"fastckpt saves Keras models; got {type(model).__module__}.{type(model).__qualname__}"
@@ -156,18 +83,28 @@ def walk(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
             "You are saving a model that has not yet been built: it has no weights yet. "
             "Build it first by calling it on some data or with `model.build()`."
         )
-    store = _CollectingStore()
-    visited: set[int] = set()
+    groups: list[tuple[str, dict[str, str]]] = []
+    groups_at: list[int] = []
+    entries: list[Entry] = []
+
+    def record_group(path: str, attrs: dict[str, str]) -> None:
+        groups.append((path, attrs))
+        groups_at.append(len(entries))
+
+    def record_value(group: str, key: str, value: Any) -> None:
+        entries.append(Entry(group, key, value))
+
+    skip: set[int] = set()
     optimizer = _optimizer(model)
     if not include_optimizer and optimizer is not None:
-        visited.add(id(optimizer))
-    with _optimizers_store_variables(model):
-        saving_lib._save_state(model, store, None, "", visited)
-    dynamic = any(not isinstance(e.source, keras.Variable) for e in store.entries)
+        skip.add(id(optimizer))
+    store = _keras_private.CollectingStore(record_group, record_value)
+    _keras_private.walk_saveables(model, store, skip)
+    dynamic = any(not isinstance(e.source, keras.Variable) for e in entries)
     return SavePlan(
-        groups=store.groups,
-        groups_at=store.groups_at,
-        entries=store.entries,
+        groups=groups,
+        groups_at=groups_at,
+        entries=entries,
         dynamic=dynamic,
         fingerprint=fingerprint(model, include_optimizer),
         include_optimizer=include_optimizer,

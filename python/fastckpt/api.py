@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import time
 import warnings
-from typing import Any
+from typing import Any, Literal, overload
 
 import keras
 import numpy as np
-from keras.src import backend
-from keras.src.saving import saving_lib
 
-from fastckpt import _fastckpt, _layouts, _readers, _sharding
+from fastckpt import _fastckpt, _keras_private, formats
 from fastckpt._errors import CheckpointContentError
-from fastckpt._formats import SUFFIXES, format_for
 from fastckpt._restore import assign_all
-from fastckpt._snapshot import snapshot, snapshotter_for
+from fastckpt._snapshot import Snapshot, snapshot, snapshotter_for
 from fastckpt._walk import SavePlan, plan_for
-
-FORMAT_VERSION = "1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +25,7 @@ class SaveResult:
     Attributes:
         path: the file written (for sharded weights, the index).
         bytes: bytes written, over all files.
-        seconds: from the `save` call to the folder's fsync.
+        seconds: the snapshot and the write (not the time a write waited behind another).
         paths: every file written.
     """
 
@@ -44,21 +38,19 @@ class SaveResult:
 class SaveJob:
     """A save running in the background; `fastckpt.save(..., background=True)` returns one.
 
-    The snapshot is already taken, so the model can keep training. The file appears at its
-    path, complete and durable, only when the job has succeeded.
+    The snapshot is already taken, so the model can keep training. The files appear at
+    their paths, complete and durable, only when the job has succeeded. Waiting for it
+    (`wait`, `result`, `exception`) lets its write use every core.
     """
 
     def __init__(
-        self,
-        job: _fastckpt.Job | _sharding.ShardedJob,
-        path: str,
-        started: float,
-        handed_off: float | None = None,
-    ):
+        self, job: _fastckpt.Job, path: str, started: float, handed_off: float | None = None
+    ) -> None:
         self._job = job
         self.path = path
+        # The file this save replaced, kept for the next save of the path to write into
+        # (`start_save(keep_replaced=True)`), once the save is done.
         self.kept: str | None = None
-        self._started = started
         # Walk + snapshot time; the writer reports its own duration, so a result collected
         # late does not count the time nobody was waiting.
         self._before_write = (started if handed_off is None else handed_off) - started
@@ -90,7 +82,6 @@ class SaveJob:
         if not self._job.wait(timeout):
             raise TimeoutError(f"the save to {self.path} is still running after {timeout} s")
         report = self._job.result()
-        # The file this save replaced, kept for the next save to this path to write into.
         self.kept = None if report.kept is None else os.fspath(report.kept)
         paths = tuple(os.fspath(p) for p in report.paths)
         seconds = self._before_write + report.seconds
@@ -107,86 +98,6 @@ class SaveJob:
         return f"<fastckpt.SaveJob {state} path={self.path!r}>"
 
 
-def _check_path(path: str, overwrite: bool) -> None:
-    if "://" in path:
-        raise ValueError(f"fastckpt writes local files only. Received: path={path!r}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(
-            errno.EISDIR, "Please specify a non-directory filepath for the checkpoint", path
-        )
-    if not overwrite and os.path.exists(path):
-        raise FileExistsError(errno.EEXIST, "checkpoint exists and overwrite=False", path)
-
-
-def _keras_metadata(model: keras.Model, weights_only: bool) -> dict[str, str]:
-    meta = {
-        "format": "fastckpt",
-        "fastckpt.format_version": FORMAT_VERSION,
-        "keras_version": keras.__version__,
-        "keras_backend": backend.backend(),
-    }
-    if not weights_only:
-        meta["keras.config"], _ = saving_lib._serialize_model_as_json(model)
-    return meta
-
-
-def start_write(
-    model: keras.Model,
-    path: str,
-    plan: SavePlan,
-    arrays: list[np.ndarray],
-    *,
-    weights_only: bool,
-    threads: int | None,
-    background: bool,
-    format: str | None = None,
-    max_shard_size: float | None = None,
-    queue_after: _fastckpt.Job | None = None,
-    reuse: str | None = None,
-    keep_replaced: bool = False,
-) -> _fastckpt.Job | _sharding.ShardedJob:
-    """Hands a snapshot to the native writer for `path`'s format (stages 3-6); in the
-    background, after `queue_after` has ended if given. `reuse` and `keep_replaced`: see
-    `start_save`."""
-    fmt = format or format_for(path)
-    options = _fastckpt.WriteOptions(
-        threads=threads,
-        background=background,
-        queue_after=queue_after,
-        reuse=reuse,
-        keep_replaced=keep_replaced,
-        direct_io=direct_io_allowed(),
-    )
-    if fmt == "weights_sharded":
-        if max_shard_size is None:
-            raise ValueError(
-                "Saving sharded weights (a `.weights.json` index) needs `max_shard_size` "
-                f"(in GB). Received: path={path!r}"
-            )
-        return _sharding.start_sharded_write(
-            plan, arrays, path, max_shard_size, threads=threads, background=background
-        )
-    if max_shard_size is not None:
-        raise ValueError(
-            "`max_shard_size` needs a path ending in `.weights.json` (the shards' index). "
-            f"Received: path={path!r}"
-        )
-    if fmt == "legacy_h5":
-        # Keras's own legacy saver lays out the tree (and reads the values itself);
-        # fastckpt writes it in parallel, atomically and durably.
-        nodes, values = _layouts.legacy_h5(model, plan.include_optimizer)
-        return _fastckpt.write_hdf5(path, values, nodes, options=options)
-    tensors = [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
-    if fmt == "safetensors":
-        meta = _keras_metadata(model, weights_only)
-        return _fastckpt.write_safetensors(path, tensors, meta, options=options)
-    nodes = _layouts.weights_h5_nodes(plan, arrays)
-    if fmt == "weights_h5":
-        return _fastckpt.write_hdf5(path, tensors, nodes, options=options)
-    before, after = _layouts.keras_zip_members(model, plan)
-    return _fastckpt.write_keras(path, tensors, nodes, before, after, options=options)
-
-
 def direct_io_allowed() -> bool:
     """Whether writes may use direct I/O: yes unless `FASTCKPT_DIRECT_IO` is `0`, `false`,
     `off` or `no` (read at every save, so it can be changed at run time)."""
@@ -194,6 +105,45 @@ def direct_io_allowed() -> bool:
     return value.strip().lower() not in ("0", "false", "off", "no")
 
 
+@overload
+def save(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = ...,
+    overwrite: bool = ...,
+    background: Literal[False] = ...,
+    threads: int | None = ...,
+    weights_only: bool = ...,
+    format: str | None = ...,
+    max_shard_size: float | None = ...,
+) -> SaveResult: ...
+@overload
+def save(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = ...,
+    overwrite: bool = ...,
+    background: Literal[True],
+    threads: int | None = ...,
+    weights_only: bool = ...,
+    format: str | None = ...,
+    max_shard_size: float | None = ...,
+) -> SaveJob: ...
+@overload
+def save(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = ...,
+    overwrite: bool = ...,
+    background: bool,
+    threads: int | None = ...,
+    weights_only: bool = ...,
+    format: str | None = ...,
+    max_shard_size: float | None = ...,
+) -> SaveResult | SaveJob: ...
 def save(
     model: keras.Model,
     path: str | os.PathLike,
@@ -209,30 +159,34 @@ def save(
     """Saves `model`'s state to `path`, durably and atomically.
 
     The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
-    model) or `.safetensors`. The file is written beside the target under a temp name,
-    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
-    previous file untouched.
+    model), `.safetensors`, or `.weights.json` (sharded weights). Each file is written
+    beside its target under a temp name, fdatasync'd, renamed over the target and the
+    folder fsync'd: a failed save leaves the previous file untouched.
 
     Args:
         model: a built Keras model.
         path: the file to write.
         include_optimizer: also save the optimizer's variables (as Keras does).
         overwrite: if False, an existing file is an error.
-        background: return a `SaveJob` as soon as the snapshot is taken. The write then
-            runs at the lowest CPU priority (nice 19) and uses every core once waited for.
+        background: return a `SaveJob` as soon as the snapshot is taken (`save_async`
+            does the same with a precise return type). The write then runs at the lowest
+            CPU priority (nice 19) and uses every core once waited for.
         threads: writer threads (default: one per core, at most 8; in the background a
-            quarter of the cores, at least 1). Large payloads go to disk with direct I/O
-            where the filesystem supports it (`FASTCKPT_DIRECT_IO=0` turns that off).
+            quarter of the cores, at least 1, until waited for). Large payloads go to disk
+            with direct I/O where the filesystem supports it (`FASTCKPT_DIRECT_IO=0` turns
+            that off).
         weights_only: for `.safetensors`, leave the model config out of the metadata.
         max_shard_size: for a `.weights.json` path, split the weights into
             `<stem>_00000.weights.h5`, ... shards of at most this many GB, exactly as
-            Keras's `save_weights(..., max_shard_size=...)` does, and write the index.
+            Keras's `save_weights(..., max_shard_size=...)` does, and write the index;
+            the shards and the index commit together, the index last.
         format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
-            `"legacy_h5"`, `"safetensors"`), e.g. Keras's quirk of writing a legacy full
-            model to `x.weights.h5` when `ModelCheckpoint(save_weights_only=False)`.
+            `"legacy_h5"`, `"safetensors"`, `"weights_sharded"`), e.g. Keras's quirk of
+            writing a legacy full model to `x.weights.h5` when
+            `ModelCheckpoint(save_weights_only=False)`.
 
     Returns:
-        A `SaveResult` once the file is durable, or a `SaveJob` if `background`.
+        A `SaveResult` once the files are durable, or a `SaveJob` if `background`.
     """
     job = start_save(
         model,
@@ -246,6 +200,31 @@ def save(
         max_shard_size=max_shard_size,
     )
     return job if background else job.result()
+
+
+def save_async(
+    model: keras.Model,
+    path: str | os.PathLike,
+    *,
+    include_optimizer: bool = True,
+    overwrite: bool = True,
+    threads: int | None = None,
+    weights_only: bool = False,
+    format: str | None = None,
+    max_shard_size: float | None = None,
+) -> SaveJob:
+    """`save(..., background=True)`: returns the `SaveJob` once the snapshot is taken."""
+    return start_save(
+        model,
+        path,
+        include_optimizer=include_optimizer,
+        overwrite=overwrite,
+        background=True,
+        threads=threads,
+        weights_only=weights_only,
+        format=format,
+        max_shard_size=max_shard_size,
+    )
 
 
 def start_save(
@@ -264,41 +243,38 @@ def start_save(
     reuse: str | None = None,
     keep_replaced: bool = False,
 ) -> SaveJob:
-    """`save`, returning the job: the callbacks' way in.
+    """`save`, returning the job (finished unless in the background): the callbacks' way in.
 
     A background write begins once `queue_after` has ended. `hold` (default: for
     synchronous saves) lends the variables' own buffers instead of copying them: only for
     a save that no training step will pass before its write ends. `keep_replaced` keeps
     the file the save replaces under a temp name (`SaveJob.kept` once done), and `reuse`
     writes into such a file instead of a new one: the memory or disk blocks it holds need
-    no allocating, which on tmpfs is most of a write's cost."""
+    no allocating, which on tmpfs is most of a write's cost.
+    """
     started = time.perf_counter()
-    path = os.fspath(path)
-    if format is None:
-        format_for(path)
-    elif format not in SUFFIXES.values():
-        raise ValueError(
-            f"Unknown format {format!r}; expected one of {sorted(set(SUFFIXES.values()))}"
-        )
-    _check_path(path, overwrite)
+    fmt = formats.format_for(path) if format is None else formats.by_name(format)
+    path = formats.check_target(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
+    snap = (
+        snapshot(plan, hold=not background if hold is None else hold, background=background)
+        if fmt.from_snapshot
+        else Snapshot([], None)
+    )
     handed_off = time.perf_counter()
     try:
-        job = start_write(
-            model,
-            path,
-            plan,
-            snap.arrays,
-            weights_only=weights_only,
+        request = formats.SaveRequest(
+            model, path, plan, snap.arrays, weights_only=weights_only, max_shard_size=max_shard_size
+        )
+        options = _fastckpt.WriteOptions(
             threads=threads,
             background=background,
-            format=format,
-            max_shard_size=max_shard_size,
             queue_after=None if queue_after is None else queue_after._job,
             reuse=reuse,
             keep_replaced=keep_replaced,
+            direct_io=direct_io_allowed(),
         )
+        job = _fastckpt.write(fmt.plan(request), options=options)
     except BaseException:
         snap.release()
         raise
@@ -322,7 +298,7 @@ def prepare(
     spare_for: str | None = None,
 ) -> Prepared:
     """Readies what saves of `model` need before the first one is due: the plan (Keras's
-    traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on an
+    traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on a
     low-priority thread, and with `spare_for` a file beside that path with room for the
     checkpoint, reserved on the same kind of thread, for the first save to write into
     (`start_save(reuse=...)`, once the job has succeeded)."""
@@ -341,7 +317,7 @@ def plan_bytes(plan: SavePlan) -> int:
     for entry in plan.entries:
         source = entry.source
         if isinstance(source, keras.Variable):
-            dtype = np.dtype(_readers.numpy_dtype(backend.standardize_dtype(source.dtype)))
+            dtype = formats.numpy_dtype(keras.backend.standardize_dtype(source.dtype))
             total += int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
     return total
 
@@ -366,10 +342,11 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
     `CheckpointContentError` naming the variable's path, before anything is assigned.
     """
     path = os.fspath(path)
-    if format_for(path) == "legacy_h5":
-        _load_legacy_h5(model, path)
+    fmt = formats.format_for(path)
+    if not fmt.keras_layout:
+        fmt.impl.load(model, path)
         return
-    checkpoint = _readers.open_checkpoint(path)
+    checkpoint = formats.open_checkpoint(path)
     names = set(checkpoint.tensors)
     _build_optimizer_if_needed(model, names)
     plan = plan_for(model, include_optimizer=True)
@@ -419,95 +396,21 @@ def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = N
             )
     values = checkpoint.read(list(wanted), threads=threads)
     if plan.dynamic:
-        _load_through_keras(model, plan, values)
+        _keras_private.load_state(model, values)
     else:
         assign_all(list(wanted.values()), [values[name] for name in wanted])
 
 
 def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
     if isinstance(source, keras.Variable):
-        return backend.standardize_dtype(source.dtype), tuple(source.shape)
-    arr = np.asarray(backend.convert_to_numpy(source))
+        return keras.backend.standardize_dtype(source.dtype), tuple(source.shape)
+    arr = np.asarray(keras.ops.convert_to_numpy(source))
     return arr.dtype.name, arr.shape
 
 
 def _listing(names: list[str], most: int = 5) -> str:
     shown = ", ".join(names[:most])
     return f"{len(names)} variables: {shown}" + (", ..." if len(names) > most else "")
-
-
-class _ServingStore(saving_lib.H5IOStore):
-    """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
-    load their state themselves (custom `load_own_variables`)."""
-
-    def __init__(self, values: dict[str, np.ndarray]) -> None:
-        self._values = values
-        self._group = "vars"
-
-    def __bool__(self) -> bool:
-        return True
-
-    def get(self, path):
-        self._group = f"{path}/vars" if path else "vars"
-        return self
-
-    def has_path(self, path):
-        return any(k.startswith(f"{path}/") for k in self._values)
-
-    def keys(self):
-        prefix = f"{self._group}/"
-        return [
-            k[len(prefix) :]
-            for k in self._values
-            if k.startswith(prefix) and "/" not in k[len(prefix) :]
-        ]
-
-    def __len__(self):
-        return len(self.keys())
-
-    def __contains__(self, key):
-        return f"{self._group}/{key}" in self._values
-
-    def __getitem__(self, key):
-        return self._values[f"{self._group}/{key}"]
-
-    def close(self) -> None:
-        pass
-
-
-def _load_through_keras(model: keras.Model, plan: SavePlan, values: dict[str, np.ndarray]) -> None:
-    failed: set[int] = set()
-    errors: dict[int, Any] = {}
-    saving_lib._load_state(
-        model,
-        weights_store=_ServingStore(values),
-        assets_store=None,
-        inner_path="",
-        skip_mismatch=False,
-        visited_saveables=set(),
-        failed_saveables=failed,
-        error_msgs=errors,
-    )
-    if failed:
-        saving_lib._raise_loading_failure(errors)
-
-
-def _load_legacy_h5(model: keras.Model, path: str) -> None:
-    """The tf.keras 2.x full-model layout, loaded the way Keras loads it (layer by layer,
-    by order), plus the optimizer state when both the file and the model have one."""
-    import h5py
-    from keras.src.legacy.saving import legacy_h5_format
-
-    # Keras's legacy loader follows soft and external links and trusts every dataset:
-    # check the whole file first, as the other readers do.
-    _readers.open_checkpoint(path, legacy=True)
-    with _readers.content_errors(path), h5py.File(path, "r") as f:
-        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
-        optimizer = getattr(model, "optimizer", None)
-        if "optimizer_weights" in f and optimizer is not None:
-            if not optimizer.built:
-                optimizer.build(model.trainable_variables)
-            optimizer.set_weights(legacy_h5_format.load_optimizer_weights_from_hdf5_group(f))
 
 
 def load_model(
@@ -523,10 +426,10 @@ def load_model(
     of `fastckpt.save`); legacy `.h5` files are handed to `keras.saving.load_model`.
     """
     path = os.fspath(path)
-    if format_for(path) == "legacy_h5":
-        _readers.open_checkpoint(path, legacy=True)  # links, dtypes and sizes checked first
+    if not formats.format_for(path).keras_layout:
+        formats.open_checkpoint(path, legacy=True)  # links, dtypes and sizes checked first
         return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
-    checkpoint = _readers.open_checkpoint(path)
+    checkpoint = formats.open_checkpoint(path)
     config = checkpoint.model_config
     if config is None:
         raise CheckpointContentError(
@@ -534,7 +437,7 @@ def load_model(
             "model in code and use fastckpt.load(model, path)"
         )
     try:
-        model = saving_lib._model_from_config(config, None, compile, safe_mode)
+        model = _keras_private.model_from_config(config, compile, safe_mode)
     except ValueError as e:  # a malformed config, or one that safe_mode refuses to run
         raise CheckpointContentError(f"{path}: cannot rebuild the model: {e}") from e
     load(model, path, threads=threads)

@@ -21,12 +21,11 @@ import threading
 import warnings
 from typing import Any
 
+import keras
 import numpy as np
-from keras.src import backend
-from keras.src.callbacks.monitor_callback import MonitorCallback
-from keras.src.utils import file_utils, io_utils
 
-from fastckpt import api
+from fastckpt import _keras_private, api, formats
+from fastckpt._keras_private import MonitorCallbackBase, print_msg
 
 # How long one wait for a background save may block before Python gets to run signal
 # handlers again: a Ctrl-C must always be able to interrupt a wait.
@@ -52,7 +51,7 @@ class _Save:
         return not isinstance(self.handle, api.SaveJob) or self.handle.done()
 
 
-class ModelCheckpoint(MonitorCallback):
+class ModelCheckpoint(MonitorCallbackBase):
     """Saves the Keras model or its weights at some frequency, in the background.
 
     A drop-in for `keras.callbacks.ModelCheckpoint` (Keras 3.15): the same arguments,
@@ -152,7 +151,7 @@ class ModelCheckpoint(MonitorCallback):
     ):
         super().__init__(monitor, mode, initial_value_threshold)
         self.verbose = verbose
-        self.filepath = file_utils.path_to_string(filepath)
+        self.filepath = _keras_private.path_to_string(filepath)
         self.save_best_only = save_best_only
         self.save_weights_only = save_weights_only
         self.save_freq = save_freq
@@ -181,11 +180,11 @@ class ModelCheckpoint(MonitorCallback):
                 f"filepath={self.filepath}" + _SAFETENSORS_NOTE
             )
 
-        if "://" in self.filepath:
-            raise ValueError(
-                "fastckpt.ModelCheckpoint writes local files only; for remote storage use "
-                f"keras.callbacks.ModelCheckpoint. Received: filepath={self.filepath}"
-            )
+        formats.check_local(
+            self.filepath,
+            "filepath",
+            hint=" (for remote storage use keras.callbacks.ModelCheckpoint)",
+        )
         if period is not None:
             if save_freq != "epoch":
                 raise ValueError(
@@ -259,7 +258,7 @@ class ModelCheckpoint(MonitorCallback):
     def _buffered(self) -> bool:
         """Whether saves copy the state into snapshot buffers: background saves do, but not
         of a legacy `.h5` file, whose values Keras's own saver reads."""
-        return self.save_on_background and self._format() != "legacy_h5"
+        return self.save_on_background and self._format().from_snapshot
 
     def on_train_batch_end(self, batch, logs=None):
         self._prepare()
@@ -340,7 +339,7 @@ class ModelCheckpoint(MonitorCallback):
                     stacklevel=2,
                 )
                 return True, None
-            is_array = isinstance(current, np.ndarray) or backend.is_tensor(current)
+            is_array = isinstance(current, np.ndarray) or keras.ops.is_tensor(current)
             if is_array and len(current.shape) > 0:
                 warnings.warn(
                     "Can save best model only when `monitor` is "
@@ -371,7 +370,7 @@ class ModelCheckpoint(MonitorCallback):
         if save and self.save_on_background:
             self._make_room(filepath, epoch)
         if message is not None and self.verbose > 0:
-            io_utils.print_msg(message)
+            print_msg(message)
         if not save:
             return
         queued_behind = self._saves[-1].handle if self._saves else None
@@ -379,8 +378,8 @@ class ModelCheckpoint(MonitorCallback):
         try:
             # Create host directory if it doesn't exist.
             dirname = os.path.dirname(filepath)
-            if dirname and not file_utils.exists(dirname):
-                file_utils.makedirs(dirname)
+            if dirname and not _keras_private.file_exists(dirname):
+                _keras_private.makedirs(dirname)
             job = api.start_save(
                 self.model,
                 filepath,
@@ -389,7 +388,7 @@ class ModelCheckpoint(MonitorCallback):
                 background=self.save_on_background,
                 threads=self.threads,
                 weights_only=self.save_weights_only,
-                format=self._format(),
+                format=self._format().name,
                 queue_after=queued_behind if isinstance(queued_behind, api.SaveJob) else None,
                 # No training step comes between the last checkpoint of a `fit` and the
                 # wait for it in `on_train_end`: its write can read the variables' own
@@ -426,7 +425,7 @@ class ModelCheckpoint(MonitorCallback):
                 if queued.reuse is not None:
                     self._keep_spare(filepath, queued.reuse)
                 if self.verbose > 0:
-                    io_utils.print_msg(
+                    print_msg(
                         f"\nEpoch {queued.epoch + 1}: the save to {filepath} was dropped "
                         f"before its write began: the save of epoch {epoch + 1} replaces it"
                     )
@@ -461,16 +460,9 @@ class ModelCheckpoint(MonitorCallback):
             ) from e
         return file_path
 
-    def _format(self) -> str:
+    def _format(self) -> formats.Format:
         """The file format, from the (unformatted) path and `save_weights_only`."""
-        if self.filepath.endswith(".safetensors"):
-            return "safetensors"
-        if self.save_weights_only:
-            return "weights_h5"
-        if self.filepath.endswith(".keras"):
-            return "keras"
-        # `model.save` writes the legacy format for any `.h5` name, `x.weights.h5` included.
-        return "legacy_h5"
+        return formats.for_model_checkpoint(self.filepath, self.save_weights_only)
 
     # Background saves and retention ------------------------------------------------------
 
@@ -504,7 +496,7 @@ class ModelCheckpoint(MonitorCallback):
                     _remove_files([pending.reuse])
                 raise
             if self.verbose > 0:
-                io_utils.print_msg(
+                print_msg(
                     f"\nEpoch {pending.epoch + 1}: finished saving model to "
                     f"{pending.filepath} ({_size_text(result.bytes)} in "
                     f"{_seconds_text(result.seconds)})"
@@ -576,7 +568,7 @@ class ModelCheckpoint(MonitorCallback):
 
 def _strategy_scope(model: Any) -> Any:
     """The scope of the model's TensorFlow distribution strategy, where it has one."""
-    if backend.backend() != "tensorflow" or getattr(model, "distribute_strategy", None) is None:
+    if keras.backend.backend() != "tensorflow" or getattr(model, "distribute_strategy", None) is None:
         return contextlib.nullcontext()
     return model.distribute_strategy.scope()
 

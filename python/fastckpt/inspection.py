@@ -7,8 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fastckpt import _readers
-from fastckpt._formats import format_for
+from fastckpt import formats
 
 
 def _legacy_h5_tensors(path: str) -> list[dict[str, Any]]:
@@ -36,11 +35,11 @@ def _legacy_h5_tensors(path: str) -> list[dict[str, Any]]:
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """The format, size and tensors (name, dtype, shape, bytes) of a checkpoint file."""
     path = os.fspath(path)
-    fmt = format_for(path)
+    fmt = formats.format_for(path).name
     if fmt == "legacy_h5":
         tensors, has_config = _legacy_h5_tensors(path)
     else:
-        ckpt = _readers.open_checkpoint(path)
+        ckpt = formats.open_checkpoint(path)
         tensors = [
             {"name": name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
             for name, t in ckpt.tensors.items()

@@ -20,9 +20,9 @@ import dataclasses
 import os
 import zipfile
 
-from fastckpt import _readers
+from fastckpt import formats
 from fastckpt._errors import CheckpointContentError
-from fastckpt._formats import format_for
+from fastckpt.formats import keras_zip
 
 _PIECE = 1 << 20
 
@@ -64,7 +64,7 @@ class VerifyReport:
 
 def _check_zip_crcs(path: str, report: VerifyReport) -> None:
     with zipfile.ZipFile(path) as zf:
-        _readers.check_zip_members(path, zf)
+        keras_zip.check_zip_members(path, zf)
         for info in zf.infolist():
             with zf.open(info) as member:  # zipfile checks the CRC-32 at the member's end
                 while member.read(_PIECE):
@@ -84,12 +84,12 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         ValueError: the path's suffix names no checkpoint format.
     """
     path = os.fspath(path)
-    report = VerifyReport(path, format_for(path))
+    report = VerifyReport(path, formats.format_for(path).name)
     try:
         if report.format == "keras":
-            with _readers.content_errors(path):
+            with formats.content_errors(path):
                 _check_zip_crcs(path, report)
-        checkpoint = _readers.open_checkpoint(path, legacy=True)
+        checkpoint = formats.open_checkpoint(path, legacy=True)
         for name, info in checkpoint.tensors.items():
             checkpoint.read([name], threads=1)  # checks the CRC-32C where there is one
             report.tensors += 1

@@ -40,13 +40,12 @@ def state_views(model: Any, include_optimizer: bool = True) -> list[np.ndarray]:
     for v in variables:
         view = None
         if keras.backend.backend() == "tensorflow":
-            from tensorflow.python.ops import gen_resource_variable_ops
-
+            from fastckpt._keras_private import tf_read_variable_op
             from fastckpt._snapshot import _host_view
 
             tf_var = v.value
             try:
-                tensor = gen_resource_variable_ops.read_variable_op(tf_var.handle, tf_var.dtype)
+                tensor = tf_read_variable_op()(tf_var.handle, tf_var.dtype)
                 view = _host_view(tensor).reshape(tuple(v.shape))
             except (AttributeError, TypeError, ValueError):
                 view = None

@@ -17,6 +17,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+MIB = 1 << 20
+GIB = 1 << 30
+
 
 @dataclasses.dataclass
 class Stats:

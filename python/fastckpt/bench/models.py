@@ -15,8 +15,8 @@ import dataclasses
 import keras
 import numpy as np
 
-MIB = 1 << 20
-GIB = 1 << 30
+from fastckpt.bench.measure import GIB, MIB
+
 # Big variables are this large (a 4096x2048 float32 kernel), as in the performance notes'
 # "1 GiB in 32 big variables".
 BIG_VARIABLE_BYTES = 32 * MIB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fastckpt.bench.models import GIB, MIB
+from fastckpt.bench.measure import GIB, MIB
 
 SECTIONS = (
     "wholefit",

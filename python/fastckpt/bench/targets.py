@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastckpt.bench.models import GIB
+from fastckpt.bench.measure import GIB
 
 SNAPSHOT_FLOOR = "floor: memcpy (snapshot)"
 WRITE_FLOOR = "floor: write+fsync, 1 thread"

@@ -2,8 +2,9 @@
 //! tools (`h5dump`, `h5ls`, `h5diff`), h5py with its bundled libhdf5, and Keras itself.
 //!
 //! Needs `h5dump`, `h5ls`, `h5diff` on PATH and a Python with h5py, numpy and Keras
-//! (`FASTCKPT_PYTHON`, else `<repo>/.venv`, else `/work/main/.venv`). Missing ones fail the
-//! test: it never skips.
+//! (`FASTCKPT_PYTHON`, else `<repo>/.venv`). Missing ones fail the test: it never skips.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,25 +17,7 @@ use serde_json::{json, Value};
 
 const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hdf5_oracle.py");
 
-/// `FASTCKPT_PYTHON`, else the repository's `.venv`, else the shared one in `/work/main`.
-fn python() -> PathBuf {
-    let repo_venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    let py = match std::env::var_os("FASTCKPT_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None if repo_venv.exists() => repo_venv,
-        None => PathBuf::from("/work/main/.venv/bin/python"),
-    };
-    let ok = Command::new(&py)
-        .args(["-c", "import h5py, numpy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "no Python with h5py and numpy at {} (set FASTCKPT_PYTHON); this test does not skip",
-        py.display()
-    );
-    py
-}
+use common::python;
 
 fn tool(name: &str) -> Command {
     let found = std::env::var_os("PATH")

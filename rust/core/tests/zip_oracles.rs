@@ -5,6 +5,8 @@
 //! Python is required: set `FASTCKPT_PYTHON`, or keep a `.venv` at the repository root. A
 //! missing interpreter fails these tests; it never skips them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,21 +17,7 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FASTCKPT_PYTHON") {
-        let p = PathBuf::from(p);
-        assert!(p.exists(), "FASTCKPT_PYTHON={} does not exist", p.display());
-        return p;
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python to check zips with: set FASTCKPT_PYTHON to an interpreter with h5py and \
-         keras, or create {}",
-        venv.display()
-    );
-    venv
-}
+use common::python;
 
 fn oracle(script: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -8,6 +8,8 @@ use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+use crate::errors::to_py_err;
+
 /// A numpy array's bytes, kept alive by a reference to the array.
 struct ArrayBytes {
     _owner: Py<PyAny>,
@@ -106,17 +108,22 @@ pub fn tensors_from_py(items: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<T
                 ptr,
                 len,
             };
-            Tensor::new(name, dtype, shape, Arc::new(bytes)).map_err(|e| PyValueError::new_err(e.to_string()))
+            Tensor::new(name, dtype, shape, Arc::new(bytes)).map_err(|e| to_py_err(&e))
         })
         .collect()
 }
 
-/// The buffer of a destination array for reading: C-contiguous and writable.
-pub fn writable_dest(arr: &Bound<'_, PyUntypedArray>, index: usize) -> PyResult<(*mut u8, usize)> {
+/// The buffer of an array written into (`what` number `index`, for the error): C-contiguous
+/// and writable.
+pub fn writable_dest(
+    arr: &Bound<'_, PyUntypedArray>,
+    what: &str,
+    index: usize,
+) -> PyResult<(*mut u8, usize)> {
     let (ptr, flags) = array_fields(arr);
     if !arr.is_c_contiguous() || flags & NPY_ARRAY_WRITEABLE == 0 {
         return Err(PyValueError::new_err(format!(
-            "read destination {index} must be a writable C-contiguous array"
+            "{what} {index} must be a writable C-contiguous array"
         )));
     }
     let itemsize: usize = arr.dtype().getattr("itemsize")?.extract()?;

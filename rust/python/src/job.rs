@@ -136,7 +136,7 @@ impl PyJob {
                 seconds: r.seconds,
                 kept: r.output.kept,
             }),
-            Err(e) => Err(to_py_err(py, &e)),
+            Err(e) => Err(to_py_err(&e)),
         }
     }
 
@@ -146,7 +146,7 @@ impl PyJob {
         Ok(
             match self.inner.outcome().expect("finished job has an outcome") {
                 Ok(_) => None,
-                Err(e) => Some(to_py_err(py, &e).into_value(py).into_any()),
+                Err(e) => Some(to_py_err(&e).into_value(py).into_any()),
             },
         )
     }

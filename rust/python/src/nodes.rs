@@ -1,49 +1,81 @@
-//! HDF5 trees and zip members as Python hands them in.
+//! HDF5 trees as Python hands them in: `Node`s of typed `Attr`s.
 
 use fastckpt_core::format::hdf5::{AttrValue, Node};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-/// `(name, kind, value)` with kind one of "utf8" (str), "bytes" (bytes), "str_array"
-/// (list of str), "fixed_bytes_array" ((width, list of bytes)), "empty_list" (None).
-pub type PyAttr<'py> = (String, String, Bound<'py, PyAny>);
-/// `(path, tensor index or None, attrs)`.
-pub type PyNode<'py> = (String, Option<usize>, Vec<PyAttr<'py>>);
-
-fn attr_value(path: &str, name: &str, kind: &str, value: &Bound<'_, PyAny>) -> PyResult<AttrValue> {
-    Ok(match kind {
-        "utf8" => AttrValue::Utf8(value.extract()?),
-        "bytes" => AttrValue::Bytes(value.extract()?),
-        "str_array" => AttrValue::StrArray(value.extract()?),
-        "fixed_bytes_array" => {
-            let (width, items): (usize, Vec<Vec<u8>>) = value.extract()?;
-            AttrValue::FixedBytesArray { width, items }
-        }
-        "empty_list" => AttrValue::EmptyList,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "attribute {name:?} of {path}: unknown kind {other:?}"
-            )))
-        }
-    })
+/// An HDF5 attribute, in the form h5py gives the Python value Keras assigns.
+#[pyclass(name = "Attr", module = "fastckpt._fastckpt", frozen)]
+#[derive(Clone)]
+pub enum PyAttr {
+    /// A `str`: a scalar variable-length UTF-8 string.
+    Utf8 { name: String, value: String },
+    /// A `bytes`: a scalar variable-length ASCII-charset string.
+    Bytes { name: String, value: Vec<u8> },
+    /// A list of `bytes`: 1-D variable-length ASCII-charset strings (given decoded).
+    StrArray { name: String, values: Vec<String> },
+    /// A numpy `S<width>` array: 1-D fixed-length NUL-padded strings.
+    FixedBytesArray {
+        name: String,
+        width: usize,
+        items: Vec<Vec<u8>>,
+    },
+    /// An empty list: a 1-D float64 array of length 0.
+    EmptyList { name: String },
 }
 
-pub fn nodes_from_py(nodes: Vec<PyNode<'_>>) -> PyResult<Vec<Node>> {
+impl PyAttr {
+    fn to_core(&self) -> (String, AttrValue) {
+        match self.clone() {
+            PyAttr::Utf8 { name, value } => (name, AttrValue::Utf8(value)),
+            PyAttr::Bytes { name, value } => (name, AttrValue::Bytes(value)),
+            PyAttr::StrArray { name, values } => (name, AttrValue::StrArray(values)),
+            PyAttr::FixedBytesArray { name, width, items } => {
+                (name, AttrValue::FixedBytesArray { width, items })
+            }
+            PyAttr::EmptyList { name } => (name, AttrValue::EmptyList),
+        }
+    }
+}
+
+/// A group (`tensor=None`) or a dataset (`tensor`: its index in the tensors handed in).
+#[pyclass(name = "Node", module = "fastckpt._fastckpt", frozen, get_all)]
+pub struct PyNode {
+    /// Absolute, like `"/layers/dense/vars/0"`; `"/"` is the root group.
+    pub path: String,
+    pub tensor: Option<usize>,
+    pub attrs: Vec<Py<PyAttr>>,
+}
+
+#[pymethods]
+impl PyNode {
+    #[new]
+    #[pyo3(signature = (path, tensor=None, attrs=Vec::new()))]
+    fn new(path: String, tensor: Option<usize>, attrs: Vec<Py<PyAttr>>) -> Self {
+        PyNode {
+            path,
+            tensor,
+            attrs,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Node({:?}, tensor={:?}, {} attrs)",
+            self.path,
+            self.tensor,
+            self.attrs.len()
+        )
+    }
+}
+
+/// The core's tree for the nodes.
+pub fn nodes_to_core(nodes: &[PyRef<'_, PyNode>]) -> Vec<Node> {
     nodes
-        .into_iter()
-        .map(|(path, tensor, attrs)| {
-            let attrs = attrs
-                .into_iter()
-                .map(|(name, kind, value)| {
-                    let v = attr_value(&path, &name, &kind, &value)?;
-                    Ok((name, v))
-                })
-                .collect::<PyResult<Vec<_>>>()?;
-            Ok(Node {
-                path,
-                tensor,
-                attrs,
-            })
+        .iter()
+        .map(|n| Node {
+            path: n.path.clone(),
+            tensor: n.tensor,
+            attrs: n.attrs.iter().map(|a| a.get().to_core()).collect(),
         })
         .collect()
 }

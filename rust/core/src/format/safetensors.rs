@@ -205,6 +205,26 @@ pub struct Header {
     pub tensors: Vec<TensorInfo>,
 }
 
+/// Reads and validates the header of the SafeTensors file at `path`.
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, e))?
+        .len();
+    let mut head = vec![0u8; 8.min(len) as usize];
+    (&file)
+        .read_exact(&mut head)
+        .map_err(|e| Error::io("read", path, e))?;
+    let n = header_len(path, &head, len)?;
+    head.resize(8 + n as usize, 0);
+    (&file)
+        .read_exact(&mut head[8..])
+        .map_err(|e| Error::io("read", path, e))?;
+    parse_header(path, &head, len)
+}
+
 /// Parses and validates a header. `head` holds at least the file's first `8 + n` bytes when
 /// the header is `n` bytes long (call [`header_len`] first to know how many to read).
 /// Every claim is checked: sizes against dtype and shape, offsets against the file, no

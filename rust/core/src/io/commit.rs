@@ -82,6 +82,24 @@ pub fn write_file_keeping(
     opts: &WriteOptions,
 ) -> Result<Written> {
     check_layout(layout, tensors)?;
+    let dir = folder_of(target)?;
+    sweep_stale_temps(&dir);
+    let reused = opts.reuse.as_deref().filter(|p| reusable(p, &dir));
+    let temp = reused.map_or_else(|| temp_path_for(target), Path::to_path_buf);
+    let result =
+        write_temp(&temp, target, layout, tensors, opts, reused.is_some()).and_then(|len| {
+            let kept = commit(&temp, target, &dir, opts.keep_replaced)?;
+            Ok(Written { len, kept })
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// The folder `target` is written into, checked: `target` is no folder, and the folder is
+/// one.
+pub(crate) fn folder_of(target: &Path) -> Result<PathBuf> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -105,18 +123,7 @@ pub fn write_file_keeping(
             io::Error::from_raw_os_error(source),
         ));
     }
-    sweep_stale_temps(&dir);
-    let reused = opts.reuse.as_deref().filter(|p| reusable(p, &dir));
-    let temp = reused.map_or_else(|| temp_path_for(target), Path::to_path_buf);
-    let result =
-        write_temp(&temp, target, layout, tensors, opts, reused.is_some()).and_then(|len| {
-            let kept = commit(&temp, target, &dir, opts.keep_replaced)?;
-            Ok(Written { len, kept })
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    result
+    Ok(dir)
 }
 
 /// Whether `path` may be written over: one of this process's temp files in `dir`, with no
@@ -130,7 +137,7 @@ fn reusable(path: &Path, dir: &Path) -> bool {
     ours && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.nlink() == 1)
 }
 
-fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
+pub(crate) fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
     let len = layout.file_len();
     for slot in layout.slots() {
         let t = tensors.get(slot.tensor).ok_or_else(|| {
@@ -158,7 +165,7 @@ fn check_layout(layout: &dyn Layout, tensors: &[Tensor]) -> Result<()> {
 
 /// Errors name `target`, the file the caller asked for: the temp file is an implementation
 /// detail and is gone by the time the error is seen.
-fn write_temp(
+pub(crate) fn write_temp(
     temp: &Path,
     target: &Path,
     layout: &dyn Layout,
@@ -346,28 +353,47 @@ fn zero_gaps(file: &File, extents: impl Iterator<Item = (u64, u64)>, len: u64) -
 
 /// Renames the temp file over the target and fsyncs the folder. With `keep`, the file it
 /// replaces is first given a temp name of its own, and returned.
-fn commit(temp: &Path, target: &Path, dir: &Path, keep: bool) -> Result<Option<PathBuf>> {
+pub(crate) fn commit(
+    temp: &Path,
+    target: &Path,
+    dir: &Path,
+    keep: bool,
+) -> Result<Option<PathBuf>> {
     let kept = keep
         .then(|| {
             let name = temp_path_for(target);
             std::fs::hard_link(target, &name).ok().map(|_| name)
         })
         .flatten();
-    if let Err(e) = fault::check(Stage::Rename).and_then(|_| std::fs::rename(temp, target)) {
+    if let Err(e) = rename(temp, target) {
         // Still a second name of the live checkpoint: it must never be written over.
         if let Some(name) = &kept {
             let _ = std::fs::remove_file(name);
         }
-        return Err(Error::io("rename temp file onto", target, e));
+        return Err(e);
     }
     // The rename (and the kept name) are durable only once the folder's entry is on disk.
-    if let Err(e) = fault::check(Stage::DirFsync).and_then(|_| File::open(dir)?.sync_all()) {
+    if let Err(e) = fsync_folder(dir) {
         if let Some(name) = &kept {
             let _ = std::fs::remove_file(name);
         }
-        return Err(Error::io("fsync folder", dir, e));
+        return Err(e);
     }
     Ok(kept)
+}
+
+/// Renames a written temp file over its target.
+pub(crate) fn rename(temp: &Path, target: &Path) -> Result<()> {
+    fault::check(Stage::Rename)
+        .and_then(|_| std::fs::rename(temp, target))
+        .map_err(|e| Error::io("rename temp file onto", target, e))
+}
+
+/// Makes the renames in `dir` durable.
+pub(crate) fn fsync_folder(dir: &Path) -> Result<()> {
+    fault::check(Stage::DirFsync)
+        .and_then(|_| File::open(dir)?.sync_all())
+        .map_err(|e| Error::io("fsync folder", dir, e))
 }
 
 #[cfg(test)]

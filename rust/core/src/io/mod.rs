@@ -1,11 +1,13 @@
 //! Files: temp file beside the target, parallel positioned writes, fdatasync, atomic rename,
-//! folder fsync; and the parallel positioned reads that loading uses.
+//! folder fsync (`commit.rs`; several files committed together: `set.rs`); and the parallel
+//! positioned reads that loading uses.
 
 mod commit;
 mod direct;
 pub mod fault;
 mod parallel;
 mod read;
+mod set;
 mod temp;
 
 pub use commit::{reserve_spare, write_file, write_file_keeping, WriteOptions, Written};
@@ -14,6 +16,7 @@ pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
 pub use parallel::{Effort, Width};
 pub use read::{crc32_of_range, read_into, ReadItem};
+pub use set::{write_set, SetFile};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 
 /// Writer threads when the caller does not say: one per core, at most 8.

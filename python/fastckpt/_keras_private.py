@@ -1,0 +1,303 @@
+"""Every private Keras and TensorFlow API fastckpt touches, and the versions it knows.
+
+fastckpt reuses Keras's own saving traversal (`keras.src.saving.saving_lib`) so that names
+and order match Keras's files exactly, copies `ModelCheckpoint`'s decisions from Keras's
+own callback, and reads and assigns TensorFlow variables through its fast-path ops. None
+of that is public API: it changes between minor releases. This module is the one place
+that imports it, and where the differences between the supported minors are handled; a
+Keras outside `SUPPORTED` is refused with a message saying what to install.
+
+Importing this module imports Keras (and the backend Keras is set to use); nothing else in
+fastckpt that can run without Keras (`inspect`, `verify`, the readers) imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import keras
+from keras.src.callbacks.monitor_callback import MonitorCallback
+from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.saving import saving_lib
+from keras.src.utils import file_utils, io_utils
+
+# The minors fastckpt is tested against, oldest and newest (the suite runs on each).
+SUPPORTED = ((3, 12), (3, 15))
+SUPPORTED_TEXT = "keras>=3.12,<3.16"
+
+
+def keras_version(version: str | None = None) -> tuple[int, int]:
+    major, minor = (version or keras.__version__).split(".")[:2]
+    return int(major), int(minor)
+
+
+def check_keras_version(version: str | None = None) -> None:
+    """Raises ImportError naming the supported range when Keras is outside it."""
+    installed = version or keras.__version__
+    if not (SUPPORTED[0] <= keras_version(installed) <= SUPPORTED[1]):
+        raise ImportError(
+            f"fastckpt supports {SUPPORTED_TEXT}, but keras {installed} is installed. "
+            f"Install a supported version: pip install '{SUPPORTED_TEXT}'"
+        )
+
+
+check_keras_version()
+
+KERAS_VERSION = keras_version()
+
+# Callbacks ---------------------------------------------------------------------------------
+
+#: Keras's base of monitoring callbacks (`best`, `monitor_op`, `_is_improvement`).
+MonitorCallbackBase = MonitorCallback
+path_to_string = file_utils.path_to_string
+file_exists = file_utils.exists
+makedirs = file_utils.makedirs
+print_msg = io_utils.print_msg
+
+# Keras 3.13 added the line ModelCheckpoint prints once a save is done (with verbose).
+PRINTS_FINISHED_SAVING = KERAS_VERSION >= (3, 13)
+
+# The saving traversal ---------------------------------------------------------------------
+
+
+class CollectingStore(saving_lib.H5IOStore):
+    """Stands where Keras expects an `H5IOStore` (it checks the type since 3.10) and hands
+    each `vars` group and value to `record_group(path, attrs)` / `record_value(group, key,
+    value)` instead of writing them."""
+
+    def __init__(
+        self,
+        record_group: Callable[[str, dict[str, str]], None],
+        record_value: Callable[[str, str, Any], None],
+    ) -> None:
+        self._record_group = record_group
+        self._record_value = record_value
+        self._group = ""
+        self._made = False
+        self._keys: dict[str, list[str]] = {}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def make(self, path, metadata=None):
+        self._group = f"{path}/vars" if path else "vars"
+        self._made = bool(metadata)
+        if metadata:
+            self._record_group(self._group, {str(k): str(v) for k, v in metadata.items()})
+        return self
+
+    def __setitem__(self, key, value):
+        if not self._made:
+            self._record_group(self._group, {})
+            self._made = True
+        self._keys.setdefault(self._group, []).append(str(key))
+        self._record_value(self._group, str(key), value)
+
+    def keys(self):
+        return list(self._keys.get(self._group, []))
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __contains__(self, key):
+        return key in self.keys()
+
+    def close(self) -> None:
+        pass
+
+
+def walk_saveables(model: keras.Model, store: CollectingStore, skip: set[int]) -> None:
+    """Runs Keras's saving traversal over `model` into `store`; objects whose `id` is in
+    `skip` (and what only they reach) are left out."""
+    with _optimizers_store_variables(model):
+        saving_lib._save_state(model, store, None, "", set(skip))
+
+
+def _store_variables(optimizer, store):
+    """`BaseOptimizer.save_own_variables`, storing the variables rather than `.numpy()`
+    copies of them, so the plan can name them and be reused."""
+    for i, variable in enumerate(optimizer.variables):
+        store[str(i)] = variable
+
+
+@contextlib.contextmanager
+def _optimizers_store_variables(model: keras.Model) -> Iterator[None]:
+    """For the walk only: Keras's optimizers save copies of their variables, which would
+    make every plan dynamic. Patch the instances (not the class) that use the stock method."""
+    patched = []
+    optimizer = getattr(model, "optimizer", None)
+    while isinstance(optimizer, BaseOptimizer):
+        if type(optimizer).save_own_variables is BaseOptimizer.save_own_variables:
+            optimizer.save_own_variables = _bound(_store_variables, optimizer)
+            patched.append(optimizer)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    try:
+        yield
+    finally:
+        for optimizer in patched:
+            del optimizer.save_own_variables
+
+
+def _bound(fn: Callable, obj: Any) -> Any:
+    import types
+
+    return types.MethodType(fn, obj)
+
+
+def model_json(model: keras.Model) -> tuple[str, str]:
+    """`(config.json, metadata.json)` of a `.keras` file, as Keras writes them."""
+    return saving_lib._serialize_model_as_json(model)
+
+
+class _AssetStore(saving_lib.DiskIOStore):
+    """Keras's asset store, noting whether any object asked for a folder."""
+
+    asked = False
+
+    def make(self, path):
+        self.asked = True
+        return super().make(path)
+
+
+def model_assets(model: keras.Model) -> tuple[list[tuple[str, bytes]], bool]:
+    """The `assets/...` members of a `.keras` file, as Keras writes them, and whether any
+    object asked for an assets folder at all."""
+    store = _AssetStore("assets", mode="w")
+    try:
+        saving_lib._save_state(model, None, store, "", set())
+        files = []
+        for root, _, names in os.walk(store.working_dir):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, store.working_dir).replace(os.sep, "/")
+                with open(full, "rb") as f:
+                    files.append((f"assets/{rel}", f.read()))
+        return sorted(files), store.asked
+    finally:
+        store.close()
+
+
+def readable_memory_size(nbytes: float) -> str:
+    """Keras's way of writing a size in its sharding error messages."""
+    return saving_lib.readable_memory_size(nbytes)
+
+
+# Loading through Keras ----------------------------------------------------------------------
+
+
+class _ServingStore(saving_lib.H5IOStore):
+    """Serves already-read arrays to Keras's own `_load_state`, for models whose layers
+    load their state themselves (custom `load_own_variables`)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+        self._group = "vars"
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, path):
+        self._group = f"{path}/vars" if path else "vars"
+        return self
+
+    def has_path(self, path):
+        return any(k.startswith(f"{path}/") for k in self._values)
+
+    def keys(self):
+        prefix = f"{self._group}/"
+        return [
+            k[len(prefix) :]
+            for k in self._values
+            if k.startswith(prefix) and "/" not in k[len(prefix) :]
+        ]
+
+    def __len__(self):
+        return len(self.keys())
+
+    def __contains__(self, key):
+        return f"{self._group}/{key}" in self._values
+
+    def __getitem__(self, key):
+        return self._values[f"{self._group}/{key}"]
+
+    def close(self) -> None:
+        pass
+
+
+def load_state(model: keras.Model, values: dict[str, Any]) -> None:
+    """Runs Keras's own loading traversal over `model`, serving `values` by weight path."""
+    failed: set[int] = set()
+    errors: dict[int, Any] = {}
+    saving_lib._load_state(
+        model,
+        weights_store=_ServingStore(values),
+        assets_store=None,
+        inner_path="",
+        skip_mismatch=False,
+        visited_saveables=set(),
+        failed_saveables=failed,
+        error_msgs=errors,
+    )
+    if failed:
+        saving_lib._raise_loading_failure(errors)
+
+
+def model_from_config(config: str, compile: bool, safe_mode: bool) -> keras.Model:
+    """Keras's rebuild of a model from a `.keras` file's `config.json` text."""
+    return saving_lib._model_from_config(config, None, compile, safe_mode)
+
+
+# The legacy full-model `.h5` ---------------------------------------------------------------
+
+
+def record_legacy_h5(model: keras.Model, include_optimizer: bool, root: Any) -> None:
+    """Runs Keras's legacy HDF5 saver (`legacy_h5_format.save_model_to_hdf5`) against
+    `root`, an object standing in for an `h5py.File` (see `formats.legacy_h5`)."""
+    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.legacy.saving.json_utils import get_json_type
+
+    with saving_options.keras_option_scope(use_legacy_config=True):
+        for k, v in saving_utils.model_metadata(model, include_optimizer).items():
+            if isinstance(v, (dict, list, tuple)):
+                root.attrs[k] = json.dumps(v, default=get_json_type).encode("utf8")
+            else:
+                root.attrs[k] = v
+        legacy_h5_format.save_weights_to_hdf5_group(root.create_group("model_weights"), model)
+        if include_optimizer and hasattr(model, "optimizer"):
+            legacy_h5_format.save_optimizer_weights_to_hdf5_group(root, model.optimizer)
+
+
+def load_legacy_h5(model: keras.Model, f: Any) -> None:
+    """Keras's legacy loader: layer by layer, by order; then the optimizer state when the
+    file and the model both have one."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+    optimizer = getattr(model, "optimizer", None)
+    if "optimizer_weights" in f and optimizer is not None:
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        optimizer.set_weights(legacy_h5_format.load_optimizer_weights_from_hdf5_group(f))
+
+
+# TensorFlow's fast paths --------------------------------------------------------------------
+
+
+def tf_read_variable_op() -> Callable[[Any, Any], Any]:
+    """TensorFlow's eager `ReadVariableOp` (~14 us a variable, against ~160 us for Keras's
+    `convert_to_numpy`)."""
+    from tensorflow.python.ops import gen_resource_variable_ops
+
+    return gen_resource_variable_ops.read_variable_op
+
+
+def tf_assign_variable_op() -> Callable[[Any, Any], Any]:
+    """TensorFlow's eager `AssignVariableOp` (~27 us a variable, against ~230 us for
+    `Variable.assign`)."""
+    from tensorflow.python.ops import gen_resource_variable_ops
+
+    return gen_resource_variable_ops.assign_variable_op

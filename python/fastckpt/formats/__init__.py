@@ -1,0 +1,205 @@
+"""The one format table: every checkpoint format once, with its suffixes, how a save of it
+is planned (its layout builder and native writer) and how a file of it is opened.
+
+Each format is a module of this package (`weights_h5`, `sharded`, `safetensors`,
+`keras_zip`, `legacy_h5`), mirroring `rust/core/src/format/`, with two functions:
+
+- `plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]`: the files of one save, laid
+  out to the byte; several files commit together, the last one last (a sharded index).
+- `open(path: str) -> Checkpoint`: the file opened for reading, every tensor located and
+  checked.
+
+A module is imported when its format is first used; reading never imports Keras. Adding a
+format is one module and one entry in `FORMATS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from fastckpt.formats._reading import Checkpoint, TensorInfo, content_errors, numpy_dtype
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from fastckpt import _fastckpt
+    from fastckpt._walk import SavePlan
+
+__all__ = [
+    "FORMATS",
+    "Checkpoint",
+    "Format",
+    "SaveRequest",
+    "TensorInfo",
+    "by_name",
+    "check_target",
+    "content_errors",
+    "format_for",
+    "numpy_dtype",
+    "open_checkpoint",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveRequest:
+    """One save of a model, as a format's `plan` sees it.
+
+    Attributes:
+        model: the Keras model.
+        path: the file asked for (for sharded weights, the index).
+        plan: what the save holds (`_walk.SavePlan`).
+        arrays: the snapshot, one array per plan entry (empty for formats that read the
+            values themselves).
+        weights_only: leave the model config out (formats that can hold it).
+        max_shard_size: for sharded weights, the largest shard in GB.
+    """
+
+    model: Any
+    path: str
+    plan: SavePlan
+    arrays: list[np.ndarray]
+    weights_only: bool = False
+    max_shard_size: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One checkpoint format.
+
+    Attributes:
+        name: how `save(format=...)` names it.
+        suffixes: the file name endings that choose it.
+        module: the module with its `plan` and `open`.
+        holds_model: a file carries the model's config, so `load_model` can rebuild it.
+        from_snapshot: a save writes the snapshot's arrays (the legacy `.h5` lets Keras's
+            own saver read the values instead).
+        sharded: a save is split into shards of `max_shard_size`, which it needs.
+        keras_layout: the file holds Keras's weights tree (`layers/dense/vars/0` ...), which
+            `load` reads itself; the legacy layout goes through Keras's legacy loader.
+    """
+
+    name: str
+    suffixes: tuple[str, ...]
+    module: str
+    holds_model: bool
+    from_snapshot: bool = True
+    sharded: bool = False
+    keras_layout: bool = True
+
+    @property
+    def impl(self) -> ModuleType:
+        return importlib.import_module(f"fastckpt.formats.{self.module}")
+
+    def plan(self, request: SaveRequest) -> list[_fastckpt.PlannedFile]:
+        """The files of one save; see the package's documentation."""
+        if self.sharded and request.max_shard_size is None:
+            raise ValueError(
+                "Saving sharded weights (a `.weights.json` index) needs `max_shard_size` "
+                f"(in GB). Received: path={request.path!r}"
+            )
+        if not self.sharded and request.max_shard_size is not None:
+            raise ValueError(
+                "`max_shard_size` needs a path ending in `.weights.json` (the shards' "
+                f"index). Received: path={request.path!r}"
+            )
+        return self.impl.plan(request)
+
+    def open(self, path: str) -> Checkpoint:
+        """The file opened for reading (see `open_checkpoint`)."""
+        return self.impl.open(path)
+
+
+# Longest suffixes first: "x.weights.h5" is a weights file, "x.h5" a legacy full model.
+FORMATS: tuple[Format, ...] = (
+    Format("weights_h5", (".weights.h5",), "weights_h5", holds_model=False),
+    Format("weights_sharded", (".weights.json",), "sharded", holds_model=False, sharded=True),
+    Format("safetensors", (".safetensors",), "safetensors", holds_model=True),
+    Format("keras", (".keras",), "keras_zip", holds_model=True),
+    Format(
+        "legacy_h5",
+        (".h5", ".hdf5"),
+        "legacy_h5",
+        holds_model=True,
+        from_snapshot=False,
+        keras_layout=False,
+    ),
+)
+
+_BY_NAME = {f.name: f for f in FORMATS}
+SUFFIXES = [s for f in FORMATS for s in f.suffixes]
+
+
+def by_name(name: str) -> Format:
+    """The format `save(format=name)` asks for; ValueError listing the names otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"Unknown format {name!r}; expected one of {sorted(_BY_NAME)}") from None
+
+
+def format_for(path: str | os.PathLike) -> Format:
+    """The format a file name asks for; ValueError listing the suffixes otherwise."""
+    name = os.fspath(path)
+    for fmt in FORMATS:
+        if name.endswith(fmt.suffixes):
+            return fmt
+    raise ValueError(
+        f"fastckpt cannot tell the checkpoint format from the file name: it must end in "
+        f"one of {', '.join(SUFFIXES)}. Received: path={name!r}"
+    )
+
+
+def for_model_checkpoint(filepath: str, weights_only: bool) -> Format:
+    """The format `ModelCheckpoint` writes: Keras's rule (`model.save` writes the legacy
+    format for any `.h5` name, `x.weights.h5` included, when not weights-only), plus
+    `.safetensors`."""
+    if filepath.endswith(".safetensors"):
+        return _BY_NAME["safetensors"]
+    if weights_only:
+        return _BY_NAME["weights_h5"]
+    if filepath.endswith(".keras"):
+        return _BY_NAME["keras"]
+    return _BY_NAME["legacy_h5"]
+
+
+def check_local(path: str, argument: str = "path", hint: str = "") -> None:
+    """Refuses remote paths (`gs://...`): fastckpt writes local files only. The message
+    names `argument` (as Keras's messages do) and adds `hint`."""
+    if "://" in path:
+        raise ValueError(
+            f"fastckpt writes local files only{hint}. Received: {argument}={path!r}"
+        )
+
+
+def check_target(path: str | os.PathLike, overwrite: bool = True) -> str:
+    """Where a save may write: a local path, and with `overwrite=False` not an existing
+    file. (That it is no folder, and its folder exists, the writer checks as it writes.)
+    Returns the path as a string."""
+    path = os.fspath(path)
+    check_local(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(errno.EEXIST, "checkpoint exists and overwrite=False", path)
+    return path
+
+
+def open_checkpoint(path: str | os.PathLike, *, legacy: bool = False) -> Checkpoint:
+    """Opens a checkpoint in the Keras weights layout (`.safetensors`, `.weights.h5`,
+    `.weights.json`, `.keras`), by suffix; with `legacy`, also a legacy full-model `.h5`
+    (whose layout `load` hands to Keras's legacy loader).
+
+    Raises:
+        CheckpointContentError: the file is damaged, hostile or not a checkpoint.
+        OSError: the file cannot be read (FileNotFoundError, PermissionError, ...).
+    """
+    path = os.fspath(path)
+    fmt = format_for(path)
+    if not fmt.keras_layout and not legacy:
+        raise ValueError(f"{path} is a legacy full-model HDF5 file: it has no Keras weights tree")
+    os.stat(path)  # a missing or unreadable file is an OSError, not a content error
+    with content_errors(path):
+        return fmt.open(path)

@@ -1,0 +1,123 @@
+"""What every format's reader shares: a checkpoint opened for reading, its tensors, the
+parallel read of their payloads, and the one way a damaged file is reported.
+
+Nothing a file says is trusted before it is checked: the native side validates headers and
+every (offset, length) against the file's size, and checksums are verified when present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from fastckpt import _fastckpt
+from fastckpt._errors import CheckpointContentError, CheckpointError
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a checkpoint dtype name (`bfloat16` is ml_dtypes')."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's payload is: `offset` -1 when only a format's own reader can read
+    it (a chunked or compressed HDF5 dataset)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+    crc32c: int | None = None
+    file: str | None = None  # for sharded checkpoints: the shard holding it
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint file opened for reading.
+
+    Attributes:
+        tensors: by Keras weight path (`layers/dense/vars/0`), in file order.
+        metadata: the file's string metadata.
+        model_config: the Keras model config JSON, when the file carries one.
+    """
+
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    model_config: str | None
+    # Reads a tensor the parallel reader cannot (chunked or filtered HDF5 datasets).
+    fallback: Callable[[str], np.ndarray] | None = None
+
+    def read(self, names: list[str], *, threads: int | None = None) -> dict[str, np.ndarray]:
+        """Reads the named tensors in parallel into fresh arrays, checking checksums."""
+        out = {}
+        by_file: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for name in names:
+            info = self.tensors[name]
+            if info.offset < 0:
+                assert self.fallback is not None
+                with content_errors(self.path):
+                    out[name] = self.fallback(name)
+                continue
+            arr = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
+            out[name] = arr
+            by_file.setdefault(info.file or self.path, []).append((name, arr))
+        for path, pairs in by_file.items():
+            items = [(self.tensors[name].offset, arr) for name, arr in pairs]
+            sums = _fastckpt.read_into(path, items, threads=threads, crc32c=True)
+            assert sums is not None
+            self._check_sums([name for name, _ in pairs], sums)
+        return out
+
+    def _check_sums(self, direct: list[str], sums: list[int]) -> None:
+        for name, got in zip(direct, sums, strict=True):
+            want = self.tensors[name].crc32c
+            if want is not None and want != got:
+                raise CheckpointContentError(
+                    f"{self.path}: checksum mismatch for {name} (file says {want:08x}, data "
+                    f"is {got:08x}): the file is corrupt"
+                )
+
+
+# What a parsing library raises on a damaged or hostile file. h5py reports a corrupt file as
+# an OSError without an errno; a real OS error (no such file, no permission) has one.
+_PARSE_ERRORS = (
+    OSError,
+    KeyError,
+    ValueError,
+    RuntimeError,
+    EOFError,
+    NotImplementedError,
+    OverflowError,
+    struct.error,
+    zipfile.BadZipFile,
+    zlib.error,
+    # h5py's visit callbacks turn a libhdf5 error met during the walk into SystemError
+    SystemError,
+)
+
+
+@contextlib.contextmanager
+def content_errors(path: str) -> Iterator[None]:
+    """Turns what a parser raises about a file's content into CheckpointContentError;
+    fastckpt's own errors and real OS errors (with an errno) pass through."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except OSError as e:
+        # EINVAL/EOVERFLOW: a seek to an offset the file made up (zipfile, h5py)
+        if e.errno is not None and e.errno not in (errno.EINVAL, errno.EOVERFLOW):
+            raise
+        raise CheckpointContentError(f"{path}: damaged or not a checkpoint: {e}") from e
+    except _PARSE_ERRORS as e:
+        raise CheckpointContentError(f"{path}: damaged or not a checkpoint: {e!r}") from e

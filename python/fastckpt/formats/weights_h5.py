@@ -1,0 +1,44 @@
+"""`.weights.h5`: Keras 3's weights layout (`saving_lib.H5IOStore`): one `vars` group per
+saveable object, with its `name` attribute, and one dataset per value, model and optimizer
+state together."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+
+from fastckpt import _fastckpt
+from fastckpt._walk import SavePlan
+from fastckpt.formats import SaveRequest
+from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_fallback, h5_tensors
+from fastckpt.formats._reading import Checkpoint
+
+
+def nodes(plan: SavePlan, arrays: list) -> list[_fastckpt.Node]:
+    """The tree of Keras's `.weights.h5` for a plan; dataset `i` holds `arrays[i]`."""
+    out = [_fastckpt.Node(f"/{path}", None, [attr(k, v) for k, v in a.items()]) for path, a in plan.groups]
+    for i, (entry, arr) in enumerate(zip(plan.entries, arrays, strict=True)):
+        out.append(_fastckpt.Node(f"/{entry.path}", i, dataset_attrs(arr)))
+    return out
+
+
+def tensors(plan: SavePlan, arrays: list) -> list[tuple[str, object]]:
+    """`(weight path, array)` in plan order: what every weights-tree format writes."""
+    return [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
+
+
+def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
+    return [
+        _fastckpt.plan_hdf5(
+            request.path,
+            tensors(request.plan, request.arrays),
+            nodes(request.plan, request.arrays),
+        )
+    ]
+
+
+def open(path: str) -> Checkpoint:
+    with h5py.File(path, "r") as f:
+        found = h5_tensors(f, 0, os.path.getsize(path), path)
+    return Checkpoint(path, found, {}, None, h5_fallback(lambda stack: path))

@@ -1,0 +1,165 @@
+//! Several files that commit together: a sharded checkpoint's shards and its index, a
+//! backup's weights and its metadata, one process's part of a multi-host checkpoint.
+//!
+//! Every file is written to a temp file beside its target and fdatasync'd first; only then
+//! is anything renamed. The members are renamed in the order given and their folders
+//! fsync'd, and only after that is the last file (the set's commit record, which names the
+//! others) renamed and its folder fsync'd: a reader that finds the new record finds every
+//! file it names complete and durable. A failure before the first rename leaves every
+//! target as it was and no temp file behind.
+//!
+//! Members keep their own names, so a process killed between two member renames leaves
+//! the members it renamed new and the others old, under the old record: sets whose readers
+//! must never see such a mix give each write of a member a new name (the record says
+//! which).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::commit::{check_layout, folder_of, fsync_folder, rename, write_temp, WriteOptions};
+use super::temp::{sweep_stale_temps, temp_path_for};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::tensor::Tensor;
+
+/// One file of a set.
+pub struct SetFile<'a> {
+    pub target: &'a Path,
+    pub layout: &'a dyn Layout,
+    pub tensors: &'a [Tensor],
+}
+
+/// Writes the files of a set and commits them, the last one last (see the module's
+/// documentation); returns each file's length, in order. `opts.reuse` and
+/// `opts.keep_replaced` are for single files and are refused here.
+pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<Vec<u64>> {
+    if opts.reuse.is_some() || opts.keep_replaced {
+        return Err(Error::invalid(
+            "reusing or keeping files is for single-file writes, not for sets",
+        ));
+    }
+    let Some((record, members)) = files.split_last() else {
+        return Ok(Vec::new());
+    };
+    let mut folders = Vec::with_capacity(files.len());
+    for f in files {
+        check_layout(f.layout, f.tensors)?;
+        folders.push(folder_of(f.target)?);
+    }
+    let distinct: BTreeSet<&PathBuf> = folders.iter().collect();
+    for dir in &distinct {
+        sweep_stale_temps(dir);
+    }
+    let temps: Vec<PathBuf> = files.iter().map(|f| temp_path_for(f.target)).collect();
+    let remove_temps = |from: usize| {
+        for temp in &temps[from..] {
+            let _ = std::fs::remove_file(temp);
+        }
+    };
+    let mut lens = Vec::with_capacity(files.len());
+    for (f, temp) in files.iter().zip(&temps) {
+        match write_temp(temp, f.target, f.layout, f.tensors, opts, false) {
+            Ok(len) => lens.push(len),
+            Err(e) => {
+                remove_temps(0);
+                return Err(e);
+            }
+        }
+    }
+    for (i, (f, temp)) in members.iter().zip(&temps).enumerate() {
+        if let Err(e) = rename(temp, f.target) {
+            remove_temps(i);
+            return Err(e);
+        }
+    }
+    let member_folders: BTreeSet<&PathBuf> = folders[..members.len()].iter().collect();
+    for dir in member_folders {
+        if let Err(e) = fsync_folder(dir) {
+            remove_temps(members.len());
+            return Err(e);
+        }
+    }
+    let last = temps.len() - 1;
+    if let Err(e) = rename(&temps[last], record.target) {
+        remove_temps(last);
+        return Err(e);
+    }
+    fsync_folder(&folders[last])?;
+    Ok(lens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{PlannedFile, Region};
+
+    fn bytes_file(data: &[u8]) -> PlannedFile {
+        PlannedFile {
+            len: data.len() as u64,
+            regions: vec![Region {
+                offset: 0,
+                bytes: data.to_vec(),
+            }],
+            slots: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn every_file_lands_and_no_temp_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, index) = (
+            dir.path().join("a.bin"),
+            dir.path().join("b.bin"),
+            dir.path().join("index.json"),
+        );
+        let layouts = [bytes_file(b"AAAA"), bytes_file(b"BB"), bytes_file(b"{}")];
+        let files: Vec<SetFile> = [&a, &b, &index]
+            .iter()
+            .zip(&layouts)
+            .map(|(t, l)| SetFile {
+                target: t,
+                layout: l,
+                tensors: &[],
+            })
+            .collect();
+        let lens = write_set(&files, &WriteOptions::with_threads(2)).unwrap();
+        assert_eq!(lens, vec![4, 2, 2]);
+        assert_eq!(std::fs::read(&a).unwrap(), b"AAAA");
+        assert_eq!(std::fs::read(&index).unwrap(), b"{}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 3, "only the three targets");
+    }
+
+    #[test]
+    fn a_member_that_cannot_be_written_leaves_every_target_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, index) = (dir.path().join("a.bin"), dir.path().join("index.json"));
+        std::fs::write(&a, b"old a").unwrap();
+        std::fs::write(&index, b"old index").unwrap();
+        let missing = dir.path().join("no-such-folder").join("b.bin");
+        let layouts = [bytes_file(b"new a"), bytes_file(b"new b"), bytes_file(b"new")];
+        let files: Vec<SetFile> = [&a, &missing, &index]
+            .iter()
+            .zip(&layouts)
+            .map(|(t, l)| SetFile {
+                target: t,
+                layout: l,
+                tensors: &[],
+            })
+            .collect();
+        let err = write_set(&files, &WriteOptions::with_threads(1)).unwrap_err();
+        assert!(err.to_string().contains("no folder"), "{err}");
+        assert_eq!(std::fs::read(&a).unwrap(), b"old a");
+        assert_eq!(std::fs::read(&index).unwrap(), b"old index");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn reusing_files_is_refused_for_sets() {
+        let opts = WriteOptions {
+            keep_replaced: true,
+            ..WriteOptions::with_threads(1)
+        };
+        assert!(write_set(&[], &opts).is_err());
+    }
+}

@@ -1,0 +1,89 @@
+//! Host memory for snapshots: the parallel copy into the snapshot buffers, faulting them
+//! in ahead of time, and reserving room for a first write.
+
+use std::path::PathBuf;
+
+use fastckpt_core::io::{self, Effort};
+use fastckpt_core::{host, Output};
+use numpy::PyUntypedArray;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::arrays::{readable_source, writable_dest, HeldArray};
+use crate::job::{PyJob, When};
+use crate::options::thread_count;
+
+/// Copies `(source, destination)` array pairs on every core (at most `threads`), detached
+/// from the interpreter: the snapshot's copy into its reused host buffers. Each pair must
+/// have the same number of bytes; destinations must be writable and C-contiguous, and
+/// distinct from every other array in the call.
+#[pyfunction]
+#[pyo3(signature = (pairs, *, threads=None))]
+pub fn copy_into(
+    py: Python<'_>,
+    pairs: Vec<(Bound<'_, PyUntypedArray>, Bound<'_, PyUntypedArray>)>,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let threads = thread_count(threads, io::default_threads())?;
+    let mut items = Vec::with_capacity(pairs.len());
+    for (i, (src, dst)) in pairs.iter().enumerate() {
+        let (src, len) = readable_source(src, i)?;
+        let (dst, dst_len) = writable_dest(dst, "copy destination", i)?;
+        if dst_len != len {
+            return Err(PyValueError::new_err(format!(
+                "copy {i}: the source has {len} bytes, the destination {dst_len}"
+            )));
+        }
+        items.push(host::CopyItem { src, dst, len });
+    }
+    // SAFETY: every range is a live array that `pairs` keeps alive until we return; the
+    // destinations are writable and, by this function's contract, distinct.
+    py.detach(|| unsafe { host::copy_parallel(&items, threads) });
+    Ok(())
+}
+
+/// Faults in the pages of `buffer` (a writable C-contiguous array) on a low-priority
+/// thread, without changing its content; returns the job. The job keeps the array alive.
+#[pyfunction]
+pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<PyJob> {
+    let (ptr, len) = writable_dest(&buffer, "prefault buffer", 0)?;
+    let owner = HeldArray {
+        _array: buffer.into_any().unbind(),
+        ptr,
+        len,
+    };
+    let work = move || {
+        let held = owner;
+        // SAFETY: `held` keeps the array, and so its buffer, alive; prefaulting never
+        // changes a byte, so it may race with writers of the same memory.
+        unsafe { host::prefault(held.ptr, held.len) }.map_err(|e| {
+            fastckpt_core::Error::io("prefault snapshot memory", PathBuf::new(), e)
+        })?;
+        Ok(Output::new(Vec::new(), held.len as u64))
+    };
+    Ok(PyJob::start_named(
+        "fastckpt-prefault",
+        py,
+        work,
+        When::Background { after: None },
+        Effort::default(),
+    ))
+}
+
+/// Makes a temp file beside `target` with `length` bytes reserved, on a low-priority
+/// thread; the job's `result().paths[0]` is the file, for a first write to reuse
+/// (`WriteOptions(reuse=...)`).
+#[pyfunction]
+pub fn reserve_spare(py: Python<'_>, target: PathBuf, length: u64) -> PyJob {
+    let work = move || {
+        let spare = io::reserve_spare(&target, length)?;
+        Ok(Output::new(vec![spare], length))
+    };
+    PyJob::start_named(
+        "fastckpt-prefault",
+        py,
+        work,
+        When::Background { after: None },
+        Effort::default(),
+    )
+}
