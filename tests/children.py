@@ -18,7 +18,6 @@ import numpy as np
 from keras.src import backend
 
 import fastckpt
-from fastckpt import _fastckpt
 from fastckpt._fastckpt import testing
 
 SUFFIXES = {
@@ -125,6 +124,13 @@ def save_under_fsize_limit(emit, path: str, limit: int, width: int = 256) -> Non
 def save_as_nobody(emit, path: str, width: int = 256) -> None:
     """Saves state B after dropping root (which bypasses permission checks) for nobody."""
     model = _model_in_state("B", width)
+    # fastckpt imports what a save needs when first used, and nobody cannot read this
+    # Python's library: import it all while still root.
+    from fastckpt import api, formats
+
+    for fmt in formats.FORMATS:
+        assert fmt.impl is not None
+    assert api.save is fastckpt.save
     os.setgroups([])
     os.setgid(65534)
     os.setuid(65534)

@@ -59,6 +59,7 @@ def test_quick_bench_records_the_machine(quick_run):
         assert lib in m["libraries"]
     assert m["targets"]["disk"]["fstype"]
     assert set(results["section_seconds"]) == {
+        "wholefit",
         "throughput",
         "threads",
         "variables",
@@ -98,6 +99,19 @@ def test_quick_bench_has_every_contender(quick_run):
     assert "keras model.load_weights(.weights.h5)" in by_section["load"]
     assert "fastckpt.load(.weights.h5)" in by_section["load"]
     assert by_section["memory"] and by_section["slowdown"] and by_section["variables"]
+    wholefit = [r for r in results["records"] if r["section"] == "wholefit"]
+    assert {r["backend"] for r in wholefit} == {"tensorflow", "jax"}
+    assert {
+        "fit without a callback",
+        "floor: copy of the state, 1 thread",
+        "keras ModelCheckpoint .weights.h5",
+        "fastckpt ModelCheckpoint .weights.h5",
+    } <= by_section["wholefit"]
+    for r in wholefit:
+        if r["family"] in ("keras", "fastckpt"):
+            assert {"per_checkpoint", "first", "steady", "end_of_fit_wait", "train_begin"} <= set(
+                r["quantities"]
+            )
     targets = {r["target"] for r in results["records"]} - {"*"}
     assert "disk" in targets
 
@@ -107,8 +121,10 @@ def test_quick_bench_checks_the_targets(quick_run):
     rows = results["targets"]
     assert rows and all({"target", "where", "goal", "value", "met"} <= set(r) for r in rows)
     assert any(r["target"].startswith("stall per checkpoint") for r in rows)
+    assert any(r["target"].startswith("whole-fit blocked per checkpoint") for r in rows)
+    assert any(r["target"].startswith("back to back") for r in rows)
     text = (out / "results.md").read_text()
-    assert "## Targets" in text and "## Stall per checkpoint" in text
+    assert "## Targets" in text and "## Stall per checkpoint" in text and "## Whole fit" in text
 
 
 def test_inspect_lists_tensors(tmp_path, capsys):

@@ -34,9 +34,8 @@ from callback_support import (
     list_files,
     safetensors_tensors,
 )
-from fastckpt import _fastckpt
-from fastckpt._fastckpt import testing
 from fastckpt import callbacks as fastckpt_callbacks
+from fastckpt._fastckpt import testing
 
 
 def fit(callbacks, *, epochs=3, big=False, steps_per_execution=1, validation=True, **kwargs):

@@ -30,6 +30,7 @@ from oracles import check_target, model_states
 FORMATS = list(SUFFIXES)
 STAGES = ["write", "fsync", "rename", "dir_fsync"]
 
+
 @pytest.fixture
 def states():
     # A fresh model per test: Keras drops the optimizer from a model's compile config once

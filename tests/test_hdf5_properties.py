@@ -59,7 +59,9 @@ def test_random_trees_read_back_with_h5py(tmp_path_factory, tree):
     for path, (dtype, shape) in datasets.items():
         arr = random_array(rng, dtype, shape)
         arrays[path] = arr
-        attrs = [_fastckpt.Attr.Utf8("dtype", "bfloat16")] if arr.dtype == ml_dtypes.bfloat16 else []
+        attrs = (
+            [_fastckpt.Attr.Utf8("dtype", "bfloat16")] if arr.dtype == ml_dtypes.bfloat16 else []
+        )
         nodes.append(_fastckpt.Node(path, len(tensors), attrs))
         tensors.append((path, arr))
     target = tmp_path_factory.mktemp("h") / "t.weights.h5"

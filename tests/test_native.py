@@ -189,7 +189,9 @@ def test_write_releases_the_gil(tmp_path):
 
 def test_background_job_reports_and_keeps_arrays_alive(tmp_path):
     path = tmp_path / "bg.safetensors"
-    planned = _fastckpt.plan_safetensors(str(path), [("x", np.full((256, 1024), 7, np.float64))], {})
+    planned = _fastckpt.plan_safetensors(
+        str(path), [("x", np.full((256, 1024), 7, np.float64))], {}
+    )
     job = _fastckpt.write([planned], options=_fastckpt.WriteOptions(background=True))
     # The only reference to the array is the job's own.
     assert job.wait(30)

@@ -28,8 +28,8 @@ import pytest
 import fastckpt
 from callback_support import BATCH, X, Y, assert_arrays_identical, fresh_model, h5_datasets
 from fastckpt import _fastckpt, _snapshot, _walk, api
-from fastckpt._fastckpt import testing
 from fastckpt import callbacks as fastckpt_callbacks
+from fastckpt._fastckpt import testing
 from test_callback_background import KerasOracle, assert_holds
 
 

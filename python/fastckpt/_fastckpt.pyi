@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from typing_extensions import final
+from typing_extensions import disjoint_base, final
 
 __all__ = [
     "DEFAULT_BACKGROUND_THREADS",
@@ -131,6 +131,7 @@ class PlannedFile:
     def length(self) -> int:
         """Its length in bytes."""
 
+@disjoint_base
 class Attr:
     """An HDF5 attribute, in the form h5py gives the Python value Keras assigns."""
 
@@ -139,7 +140,7 @@ class Attr:
         """A `str`: a scalar variable-length UTF-8 string."""
 
         __match_args__: ClassVar[tuple[str, ...]]
-        def __init__(self, name: str, value: str) -> None: ...
+        def __new__(cls, name: str, value: str) -> Attr.Utf8: ...
         @property
         def name(self) -> str: ...
         @property
@@ -150,7 +151,7 @@ class Attr:
         """A `bytes`: a scalar variable-length ASCII-charset string."""
 
         __match_args__: ClassVar[tuple[str, ...]]
-        def __init__(self, name: str, value: bytes) -> None: ...
+        def __new__(cls, name: str, value: bytes) -> Attr.Bytes: ...
         @property
         def name(self) -> str: ...
         @property
@@ -161,7 +162,7 @@ class Attr:
         """A list of `bytes`: 1-D variable-length ASCII-charset strings (given decoded)."""
 
         __match_args__: ClassVar[tuple[str, ...]]
-        def __init__(self, name: str, values: Sequence[str]) -> None: ...
+        def __new__(cls, name: str, values: Sequence[str]) -> Attr.StrArray: ...
         @property
         def name(self) -> str: ...
         @property
@@ -172,7 +173,7 @@ class Attr:
         """A numpy `S<width>` array: 1-D fixed-length NUL-padded strings."""
 
         __match_args__: ClassVar[tuple[str, ...]]
-        def __init__(self, name: str, width: int, items: Sequence[bytes]) -> None: ...
+        def __new__(cls, name: str, width: int, items: Sequence[bytes]) -> Attr.FixedBytesArray: ...
         @property
         def name(self) -> str: ...
         @property
@@ -185,7 +186,7 @@ class Attr:
         """An empty list: a 1-D float64 array of length 0."""
 
         __match_args__: ClassVar[tuple[str, ...]]
-        def __init__(self, name: str) -> None: ...
+        def __new__(cls, name: str) -> Attr.EmptyList: ...
         @property
         def name(self) -> str: ...
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -83,27 +84,27 @@ class CollectingStore(saving_lib.H5IOStore):
     def __bool__(self) -> bool:
         return True
 
-    def make(self, path, metadata=None):
+    def make(self, path: str, metadata: dict[str, Any] | None = None) -> CollectingStore:
         self._group = f"{path}/vars" if path else "vars"
         self._made = bool(metadata)
         if metadata:
             self._record_group(self._group, {str(k): str(v) for k, v in metadata.items()})
         return self
 
-    def __setitem__(self, key, value):
+    def __setitem__(self, key: str, value: Any) -> None:
         if not self._made:
             self._record_group(self._group, {})
             self._made = True
         self._keys.setdefault(self._group, []).append(str(key))
         self._record_value(self._group, str(key), value)
 
-    def keys(self):
+    def keys(self) -> list[str]:
         return list(self._keys.get(self._group, []))
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.keys())
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return key in self.keys()
 
     def close(self) -> None:
@@ -117,7 +118,7 @@ def walk_saveables(model: keras.Model, store: CollectingStore, skip: set[int]) -
         saving_lib._save_state(model, store, None, "", set(skip))
 
 
-def _store_variables(optimizer, store):
+def _store_variables(optimizer: Any, store: Any) -> None:
     """`BaseOptimizer.save_own_variables`, storing the variables rather than `.numpy()`
     copies of them, so the plan can name them and be reused."""
     for i, variable in enumerate(optimizer.variables):
@@ -142,7 +143,7 @@ def _optimizers_store_variables(model: keras.Model) -> Iterator[None]:
             del optimizer.save_own_variables
 
 
-def _bound(fn: Callable, obj: Any) -> Any:
+def _bound(fn: Callable[..., Any], obj: Any) -> Any:
     import types
 
     return types.MethodType(fn, obj)
@@ -150,7 +151,8 @@ def _bound(fn: Callable, obj: Any) -> Any:
 
 def model_json(model: keras.Model) -> tuple[str, str]:
     """`(config.json, metadata.json)` of a `.keras` file, as Keras writes them."""
-    return saving_lib._serialize_model_as_json(model)
+    config_json, metadata_json = saving_lib._serialize_model_as_json(model)
+    return str(config_json), str(metadata_json)
 
 
 class _AssetStore(saving_lib.DiskIOStore):
@@ -158,7 +160,7 @@ class _AssetStore(saving_lib.DiskIOStore):
 
     asked = False
 
-    def make(self, path):
+    def make(self, path: str) -> Any:
         self.asked = True
         return super().make(path)
 
@@ -183,7 +185,7 @@ def model_assets(model: keras.Model) -> tuple[list[tuple[str, bytes]], bool]:
 
 def readable_memory_size(nbytes: float) -> str:
     """Keras's way of writing a size in its sharding error messages."""
-    return saving_lib.readable_memory_size(nbytes)
+    return str(saving_lib.readable_memory_size(nbytes))
 
 
 # Loading through Keras ----------------------------------------------------------------------
@@ -200,14 +202,14 @@ class _ServingStore(saving_lib.H5IOStore):
     def __bool__(self) -> bool:
         return True
 
-    def get(self, path):
+    def get(self, path: str) -> _ServingStore:
         self._group = f"{path}/vars" if path else "vars"
         return self
 
-    def has_path(self, path):
+    def has_path(self, path: str) -> bool:
         return any(k.startswith(f"{path}/") for k in self._values)
 
-    def keys(self):
+    def keys(self) -> list[str]:
         prefix = f"{self._group}/"
         return [
             k[len(prefix) :]
@@ -215,13 +217,13 @@ class _ServingStore(saving_lib.H5IOStore):
             if k.startswith(prefix) and "/" not in k[len(prefix) :]
         ]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.keys())
 
-    def __contains__(self, key):
+    def __contains__(self, key: object) -> bool:
         return f"{self._group}/{key}" in self._values
 
-    def __getitem__(self, key):
+    def __getitem__(self, key: str) -> Any:
         return self._values[f"{self._group}/{key}"]
 
     def close(self) -> None:
@@ -254,21 +256,53 @@ def model_from_config(config: str, compile: bool, safe_mode: bool) -> keras.Mode
 # The legacy full-model `.h5` ---------------------------------------------------------------
 
 
-def record_legacy_h5(model: keras.Model, include_optimizer: bool, root: Any) -> None:
+# Keras's legacy saver reads every value with `backend.convert_to_numpy`; while fastckpt
+# records a file with it, its module's `backend` is swapped for one whose conversion hands
+# out the snapshot's arrays instead. The swap is process-wide, so recordings take turns.
+_LEGACY_SWAP = threading.Lock()
+
+
+class _BackendServingValues:
+    """Keras's backend module, but `convert_to_numpy` is `convert`."""
+
+    def __init__(self, real: Any, convert: Callable[[Any], Any]) -> None:
+        self._real = real
+        self.convert_to_numpy = convert
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def record_legacy_h5(
+    model: keras.Model,
+    include_optimizer: bool,
+    root: Any,
+    value_of: Callable[[Any], Any] | None = None,
+) -> None:
     """Runs Keras's legacy HDF5 saver (`legacy_h5_format.save_model_to_hdf5`) against
-    `root`, an object standing in for an `h5py.File` (see `formats.legacy_h5`)."""
+    `root`, an object standing in for an `h5py.File` (see `formats.legacy_h5`). With
+    `value_of`, the saver gets each variable's value from it (the snapshot) instead of
+    reading the variable again."""
     from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
     from keras.src.legacy.saving.json_utils import get_json_type
 
-    with saving_options.keras_option_scope(use_legacy_config=True):
-        for k, v in saving_utils.model_metadata(model, include_optimizer).items():
-            if isinstance(v, (dict, list, tuple)):
-                root.attrs[k] = json.dumps(v, default=get_json_type).encode("utf8")
-            else:
-                root.attrs[k] = v
-        legacy_h5_format.save_weights_to_hdf5_group(root.create_group("model_weights"), model)
-        if include_optimizer and hasattr(model, "optimizer"):
-            legacy_h5_format.save_optimizer_weights_to_hdf5_group(root, model.optimizer)
+    with _LEGACY_SWAP:
+        real = legacy_h5_format.backend
+        if value_of is not None:
+            legacy_h5_format.backend = _BackendServingValues(real, value_of)
+        try:
+            with saving_options.keras_option_scope(use_legacy_config=True):
+                for k, v in saving_utils.model_metadata(model, include_optimizer).items():
+                    if isinstance(v, (dict, list, tuple)):
+                        root.attrs[k] = json.dumps(v, default=get_json_type).encode("utf8")
+                    else:
+                        root.attrs[k] = v
+                group = root.create_group("model_weights")
+                legacy_h5_format.save_weights_to_hdf5_group(group, model)
+                if include_optimizer and hasattr(model, "optimizer"):
+                    legacy_h5_format.save_optimizer_weights_to_hdf5_group(root, model.optimizer)
+        finally:
+            legacy_h5_format.backend = real
 
 
 def load_legacy_h5(model: keras.Model, f: Any) -> None:
@@ -292,7 +326,8 @@ def tf_read_variable_op() -> Callable[[Any, Any], Any]:
     `convert_to_numpy`)."""
     from tensorflow.python.ops import gen_resource_variable_ops
 
-    return gen_resource_variable_ops.read_variable_op
+    op: Callable[[Any, Any], Any] = gen_resource_variable_ops.read_variable_op
+    return op
 
 
 def tf_assign_variable_op() -> Callable[[Any, Any], Any]:
@@ -300,4 +335,5 @@ def tf_assign_variable_op() -> Callable[[Any, Any], Any]:
     `Variable.assign`)."""
     from tensorflow.python.ops import gen_resource_variable_ops
 
-    return gen_resource_variable_ops.assign_variable_op
+    op: Callable[[Any, Any], Any] = gen_resource_variable_ops.assign_variable_op
+    return op

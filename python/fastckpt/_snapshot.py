@@ -133,7 +133,9 @@ class Snapshotter:
     """Takes snapshots of one plan, reusing what it can between saves."""
 
     def __init__(self, plan: SavePlan) -> None:
-        self.plan = plan
+        # The entries, not the plan: the plan holds its snapshotter, and a reference back
+        # would make the two a cycle that only the garbage collector frees.
+        self._entries = plan.entries
         self._arenas: list[_Arena] = []
         self._lock = threading.Lock()
         self._read: Reader | None = None
@@ -179,7 +181,7 @@ class Snapshotter:
         backend's own buffers: always for a synchronous save (nothing steps before it
         returns), for a background one only where they outlive training steps."""
         if self._read is None:
-            return Snapshot([to_host(e.source) for e in self.plan.entries], None)
+            return Snapshot([to_host(e.source) for e in self._entries], None)
         arrays = self._read()
         if not self._specs or (hold and (not background or self._read.views_outlive_steps)):
             return Snapshot(arrays, None)
@@ -217,10 +219,11 @@ def _host_view(tensor: Any) -> np.ndarray:
     cannot express the dtype (bfloat16) or the tensor lives on an accelerator."""
     try:
         if "CPU" in tensor.device:
-            return np.from_dlpack(_DLPack(tensor))
+            view: np.ndarray = np.from_dlpack(_DLPack(tensor))
+            return view
     except (TypeError, ValueError, RuntimeError, BufferError):
         pass
-    return tensor.numpy()
+    return np.asarray(tensor.numpy())
 
 
 class _TensorFlowReader(Reader):
@@ -235,7 +238,9 @@ class _TensorFlowReader(Reader):
         tf_vars = [e.source.value for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
-        self.dtypes = [numpy_dtype(keras.backend.standardize_dtype(e.source.dtype)) for e in plan.entries]
+        self.dtypes = [
+            numpy_dtype(keras.backend.standardize_dtype(e.source.dtype)) for e in plan.entries
+        ]
         self._large = [
             _nbytes(s, d) >= LARGE_BYTES for s, d in zip(self._shapes, self.dtypes, strict=True)
         ]
@@ -274,7 +279,8 @@ def snapshotter_for(plan: SavePlan) -> Snapshotter:
     plan: a cache keyed by the plan would keep it alive through the snapshotter)."""
     if plan.snapshotter is None:
         plan.snapshotter = Snapshotter(plan)
-    return plan.snapshotter
+    snapper: Snapshotter = plan.snapshotter
+    return snapper
 
 
 def snapshot(plan: SavePlan, *, hold: bool = False, background: bool = False) -> Snapshot:

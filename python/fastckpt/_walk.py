@@ -56,7 +56,7 @@ class SavePlan:
     snapshotter: Any = None
 
 
-def _optimizer(model: keras.Model):
+def _optimizer(model: keras.Model) -> Any:
     return getattr(model, "optimizer", None)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from fastckpt import _fastckpt, _keras_private, formats
 from fastckpt._errors import CheckpointContentError
 from fastckpt._restore import assign_all
-from fastckpt._snapshot import Snapshot, snapshot, snapshotter_for
+from fastckpt._snapshot import snapshot, snapshotter_for
 from fastckpt._walk import SavePlan, plan_for
 
 
@@ -108,7 +108,7 @@ def direct_io_allowed() -> bool:
 @overload
 def save(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = ...,
     overwrite: bool = ...,
@@ -121,7 +121,7 @@ def save(
 @overload
 def save(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = ...,
     overwrite: bool = ...,
@@ -134,7 +134,7 @@ def save(
 @overload
 def save(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = ...,
     overwrite: bool = ...,
@@ -146,7 +146,7 @@ def save(
 ) -> SaveResult | SaveJob: ...
 def save(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = True,
     overwrite: bool = True,
@@ -204,7 +204,7 @@ def save(
 
 def save_async(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = True,
     overwrite: bool = True,
@@ -229,7 +229,7 @@ def save_async(
 
 def start_save(
     model: keras.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     include_optimizer: bool = True,
     overwrite: bool = True,
@@ -256,11 +256,7 @@ def start_save(
     fmt = formats.format_for(path) if format is None else formats.by_name(format)
     path = formats.check_target(path, overwrite)
     plan = plan_for(model, include_optimizer)
-    snap = (
-        snapshot(plan, hold=not background if hold is None else hold, background=background)
-        if fmt.from_snapshot
-        else Snapshot([], None)
-    )
+    snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
     handed_off = time.perf_counter()
     try:
         request = formats.SaveRequest(
@@ -334,7 +330,7 @@ def _describe(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype} {tuple(shape)}"
 
 
-def load(model: keras.Model, path: str | os.PathLike, *, threads: int | None = None) -> None:
+def load(model: keras.Model, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
     """Restores every model and optimizer variable from `path`, bit-exact.
 
     Reads files written by fastckpt or by Keras itself. Every variable is checked against
@@ -414,7 +410,7 @@ def _listing(names: list[str], most: int = 5) -> str:
 
 
 def load_model(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     compile: bool = True,
     safe_mode: bool = True,

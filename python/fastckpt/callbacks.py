@@ -130,8 +130,12 @@ class ModelCheckpoint(MonitorCallbackBase):
     # `on_train_batch_end` makes Keras dispatch batch hooks synchronously, so the snapshot
     # is taken at the step the file name says.
     async_safe = False
+    # Set by Keras's MonitorCallback: the best monitored value so far (None before any).
+    best: Any
 
-    def __init__(
+    # The arguments stay unannotated: the signature is Keras's, parameter for parameter
+    # (tests/test_callback_parity.py compares them), and Keras annotates none.
+    def __init__(  # type: ignore[no-untyped-def]
         self,
         filepath,
         monitor="val_loss",
@@ -220,11 +224,11 @@ class ModelCheckpoint(MonitorCallbackBase):
         # blocks need no allocating again); removed when training ends.
         self._spares: dict[str, Any] = {}  # a path, or the job reserving one
         self._retention: concurrent.futures.ThreadPoolExecutor | None = None
-        self._deletions: list[concurrent.futures.Future] = []
+        self._deletions: list[concurrent.futures.Future[list[tuple[str, OSError]]]] = []
 
     # Hooks -------------------------------------------------------------------------------
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # A save left running by an interrupted `fit` ends (or raises) before a new one.
         self.wait_until_finished()
         self._unprepared = True
@@ -249,27 +253,22 @@ class ModelCheckpoint(MonitorCallbackBase):
         fixed = _is_fixed(self.filepath)
         prepared = api.prepare(
             self.model,
-            buffers=self.snapshot_buffers if self._buffered() else 0,
+            buffers=self.snapshot_buffers if self.save_on_background else 0,
             spare_for=self.filepath if fixed and self.filepath not in self._spares else None,
         )
         if prepared.spare is not None:
             self._spares[os.path.abspath(self.filepath)] = prepared.spare
 
-    def _buffered(self) -> bool:
-        """Whether saves copy the state into snapshot buffers: background saves do, but not
-        of a legacy `.h5` file, whose values Keras's own saver reads."""
-        return self.save_on_background and self._format().from_snapshot
-
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._prepare()
         self._collect()
         if self._should_save_on_batch(batch):
             self._save_model(epoch=self._current_epoch, batch=batch, logs=logs)
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._current_epoch = epoch
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self._collect()
         if self.monitor_op is None:
             # Delay setup until the model's metrics are all built
@@ -281,7 +280,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 self._epochs_since_last_save = 0
                 self._save_model(epoch=epoch, batch=None, logs=logs)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         try:
             self.wait_until_finished()
         finally:
@@ -311,7 +310,7 @@ class ModelCheckpoint(MonitorCallbackBase):
 
     # Keras's logic -----------------------------------------------------------------------
 
-    def _should_save_on_batch(self, batch):
+    def _should_save_on_batch(self, batch: int) -> bool:
         """Handles batch-level saving logic, supports steps_per_execution."""
         if self.save_freq == "epoch":
             return False
@@ -328,7 +327,9 @@ class ModelCheckpoint(MonitorCallbackBase):
             return True
         return False
 
-    def _decide(self, epoch, logs, filepath) -> tuple[bool, str | None]:
+    def _decide(
+        self, epoch: int, logs: dict[str, Any] | None, filepath: str
+    ) -> tuple[bool, str | None]:
         """Keras's `_should_save_model`: whether to save, and the message to print."""
         logs = logs or {}
         if self.save_best_only:
@@ -363,7 +364,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             return False, f"\nEpoch {epoch + 1}: {self.monitor} did not improve from {best_str}"
         return True, f"\nEpoch {epoch + 1}: saving model to {filepath}"
 
-    def _save_model(self, epoch, batch, logs):
+    def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         """Decides, prints, and hands the save to the writer."""
         filepath = self._get_file_path(epoch, batch, logs)
         save, message = self._decide(epoch, logs, filepath)
@@ -442,7 +443,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         steps = params.get("steps")
         return steps is not None and batch >= steps - 1
 
-    def _get_file_path(self, epoch, batch, logs):
+    def _get_file_path(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> str:
         """Returns the file path for checkpoint."""
         logs = logs or {}
         try:
@@ -451,7 +452,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             # logged metrics and the path's placeholders can cause formatting to
             # fail.
             if batch is None or "batch" in logs:
-                file_path = self.filepath.format(epoch=epoch + 1, **logs)
+                file_path: str = self.filepath.format(epoch=epoch + 1, **logs)
             else:
                 file_path = self.filepath.format(epoch=epoch + 1, batch=batch + 1, **logs)
         except KeyError as e:
@@ -511,7 +512,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             return spare
         # A reservation made when training began: usable once it has succeeded.
         if spare.done() and spare.exception() is None:
-            return os.fspath(spare.result().paths[0])
+            return str(os.fspath(spare.result().paths[0]))
         _drop_when_done([spare])
         return None
 
@@ -568,7 +569,10 @@ class ModelCheckpoint(MonitorCallbackBase):
 
 def _strategy_scope(model: Any) -> Any:
     """The scope of the model's TensorFlow distribution strategy, where it has one."""
-    if keras.backend.backend() != "tensorflow" or getattr(model, "distribute_strategy", None) is None:
+    if (
+        keras.backend.backend() != "tensorflow"
+        or getattr(model, "distribute_strategy", None) is None
+    ):
         return contextlib.nullcontext()
     return model.distribute_strategy.scope()
 

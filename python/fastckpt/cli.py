@@ -17,7 +17,7 @@ from collections.abc import Sequence
 _BENCH_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from fastckpt.bench.settings import SECTIONS
 
     p = sub.add_parser(
@@ -82,7 +82,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return main_exit_code(run(opts))
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> None:
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "inspect",
         help="list a checkpoint's tensors: name, dtype, shape, bytes",
@@ -113,7 +113,7 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 0
 
 
-def _add_verify(sub: argparse._SubParsersAction) -> None:
+def _add_verify(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "verify",
         help="check a checkpoint's structure and checksums",
@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_inspect(sub)
     _add_bench(sub)
     args = parser.parse_args(argv)
-    return args.handler(args, argv)
+    code: int = args.handler(args, argv)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import numpy as np
 from fastckpt import formats
 
 
-def _legacy_h5_tensors(path: str) -> list[dict[str, Any]]:
+def _legacy_h5_tensors(path: str) -> tuple[list[dict[str, Any]], bool]:
     import h5py
 
     out: list[dict[str, Any]] = []
@@ -32,10 +32,11 @@ def _legacy_h5_tensors(path: str) -> list[dict[str, Any]]:
     return out, has_config
 
 
-def describe(path: str | os.PathLike) -> dict[str, Any]:
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The format, size and tensors (name, dtype, shape, bytes) of a checkpoint file."""
     path = os.fspath(path)
     fmt = formats.format_for(path).name
+    tensors: list[dict[str, Any]]
     if fmt == "legacy_h5":
         tensors, has_config = _legacy_h5_tensors(path)
     else:

@@ -72,7 +72,7 @@ def _check_zip_crcs(path: str, report: VerifyReport) -> None:
             report.checksums += 1
 
 
-def verify(path: str | os.PathLike) -> VerifyReport:
+def verify(path: str | os.PathLike[str]) -> VerifyReport:
     """Checks a checkpoint's structure and every checksum it carries.
 
     Returns:

@@ -106,7 +106,7 @@ def make_durable(path: str) -> None:
 def write_floor(buf: np.ndarray, path: str) -> float:
     """Seconds for one thread to write `buf` durably to `path` (temp file, fsync, rename,
     folder fsync), as fastckpt does."""
-    view = memoryview(buf).cast("B")
+    view = buf.data.cast("B")
     folder = os.path.dirname(os.path.abspath(path))
     temp = f"{path}.floor-tmp"
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def dd_floor(nbytes: int, path: str) -> float:
 
 def read_floor(path: str, buf: np.ndarray) -> float:
     """Seconds for one thread to read all of `path` into `buf` (at least the file's size)."""
-    view = memoryview(buf).cast("B")
+    view = buf.data.cast("B")
     start = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         done = 0

@@ -15,7 +15,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from fastckpt.bench.measure import GIB, MIB
+from fastckpt.bench.measure import MIB
 
 # Big variables are this large (a 4096x2048 float32 kernel), as in the performance notes'
 # "1 GiB in 32 big variables".

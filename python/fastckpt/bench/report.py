@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from fastckpt.bench.measure import fmt_bytes
@@ -458,7 +459,7 @@ def missing_section(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def markdown(results: dict[str, Any], plots: list[str] = ()) -> str:
+def markdown(results: dict[str, Any], plots: Sequence[str] = ()) -> str:
     idx = Index(results["records"])
     lines = header(results)
     lines += targets_section(results["targets"])

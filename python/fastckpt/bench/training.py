@@ -18,11 +18,12 @@ import contextlib
 import gc
 import os
 import time
+from typing import Any
 
 import fastckpt
 from fastckpt import _fastckpt
 from fastckpt.bench import floors
-from fastckpt.bench.contenders import TimedCallback, callback_contenders
+from fastckpt.bench.contenders import CallbackContender, TimedCallback, callback_contenders
 from fastckpt.bench.context import Context, remove
 from fastckpt.bench.machine import filesystem
 from fastckpt.bench.measure import Stats, Trial, fmt_bytes, interleave
@@ -55,7 +56,7 @@ def run_stall(ctx: Context, setup: TrainingSetup) -> None:
         if not c.available:
             ctx.add("stall", "*", case, c.label, family=c.family, available=False, note=c.note)
     contenders = [c for c in contenders if c.available]
-    extra = {
+    extra: dict[str, Any] = {
         "state_bytes": nbytes,
         "steps": steps,
         "checkpoints": s.stall_checkpoints,
@@ -72,15 +73,14 @@ def run_stall(ctx: Context, setup: TrainingSetup) -> None:
             trials.append(Trial(SNAPSHOT_FLOOR, snap))
         for c in contenders:
             path = ctx.path(target, f"cb{c.suffix}" if c.suffix else "orbax")
-            trials.append(
-                Trial(
-                    c.label,
-                    lambda c=c, path=path: _timed_fit(
-                        setup, steps, TimedCallback(c.make(path, s.stall_every))
-                    ),
-                    cleanup=lambda path=path: remove(path),
-                )
-            )
+
+            def fit_with(c: CallbackContender = c, path: str = path) -> dict[str, float]:
+                return _timed_fit(setup, steps, TimedCallback(c.make(path, s.stall_every)))
+
+            def cleanup(path: str = path) -> None:
+                remove(path)
+
+            trials.append(Trial(c.label, fit_with, cleanup=cleanup))
         ctx.progress.say(
             f"stall: {case} on {target}: {len(trials)} contenders x {s.stall_reps} rounds, "
             f"{steps} steps, {s.stall_checkpoints} checkpoints per fit"

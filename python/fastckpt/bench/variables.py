@@ -56,7 +56,10 @@ def _one_count(ctx: Context, count: int, contenders: list, families: dict[str, s
         def floor(path: str = path) -> float:
             return snap() + floors.write_floor(buf, path)
 
-        trials = [Trial(FLOOR, floor, cleanup=lambda path=path: remove(path))]
+        def cleanup(path: str = path) -> None:
+            remove(path)
+
+        trials = [Trial(FLOOR, floor, cleanup=cleanup)]
         if i == 0:  # no I/O: once is enough
             trials.append(Trial(WALK, lambda: timed(lambda: _walk.walk(model))[0]))
             first_save(ctx, "variables", target, case, model, variables=count, state_bytes=nbytes)

@@ -76,8 +76,6 @@ class Format:
         suffixes: the file name endings that choose it.
         module: the module with its `plan` and `open`.
         holds_model: a file carries the model's config, so `load_model` can rebuild it.
-        from_snapshot: a save writes the snapshot's arrays (the legacy `.h5` lets Keras's
-            own saver read the values instead).
         sharded: a save is split into shards of `max_shard_size`, which it needs.
         keras_layout: the file holds Keras's weights tree (`layers/dense/vars/0` ...), which
             `load` reads itself; the legacy layout goes through Keras's legacy loader.
@@ -87,7 +85,6 @@ class Format:
     suffixes: tuple[str, ...]
     module: str
     holds_model: bool
-    from_snapshot: bool = True
     sharded: bool = False
     keras_layout: bool = True
 
@@ -107,11 +104,13 @@ class Format:
                 "`max_shard_size` needs a path ending in `.weights.json` (the shards' "
                 f"index). Received: path={request.path!r}"
             )
-        return self.impl.plan(request)
+        files: list[_fastckpt.PlannedFile] = self.impl.plan(request)
+        return files
 
     def open(self, path: str) -> Checkpoint:
         """The file opened for reading (see `open_checkpoint`)."""
-        return self.impl.open(path)
+        checkpoint: Checkpoint = self.impl.open(path)
+        return checkpoint
 
 
 # Longest suffixes first: "x.weights.h5" is a weights file, "x.h5" a legacy full model.
@@ -120,14 +119,7 @@ FORMATS: tuple[Format, ...] = (
     Format("weights_sharded", (".weights.json",), "sharded", holds_model=False, sharded=True),
     Format("safetensors", (".safetensors",), "safetensors", holds_model=True),
     Format("keras", (".keras",), "keras_zip", holds_model=True),
-    Format(
-        "legacy_h5",
-        (".h5", ".hdf5"),
-        "legacy_h5",
-        holds_model=True,
-        from_snapshot=False,
-        keras_layout=False,
-    ),
+    Format("legacy_h5", (".h5", ".hdf5"), "legacy_h5", holds_model=True, keras_layout=False),
 )
 
 _BY_NAME = {f.name: f for f in FORMATS}
@@ -142,7 +134,7 @@ def by_name(name: str) -> Format:
         raise ValueError(f"Unknown format {name!r}; expected one of {sorted(_BY_NAME)}") from None
 
 
-def format_for(path: str | os.PathLike) -> Format:
+def format_for(path: str | os.PathLike[str]) -> Format:
     """The format a file name asks for; ValueError listing the suffixes otherwise."""
     name = os.fspath(path)
     for fmt in FORMATS:
@@ -171,12 +163,10 @@ def check_local(path: str, argument: str = "path", hint: str = "") -> None:
     """Refuses remote paths (`gs://...`): fastckpt writes local files only. The message
     names `argument` (as Keras's messages do) and adds `hint`."""
     if "://" in path:
-        raise ValueError(
-            f"fastckpt writes local files only{hint}. Received: {argument}={path!r}"
-        )
+        raise ValueError(f"fastckpt writes local files only{hint}. Received: {argument}={path!r}")
 
 
-def check_target(path: str | os.PathLike, overwrite: bool = True) -> str:
+def check_target(path: str | os.PathLike[str], overwrite: bool = True) -> str:
     """Where a save may write: a local path, and with `overwrite=False` not an existing
     file. (That it is no folder, and its folder exists, the writer checks as it writes.)
     Returns the path as a string."""
@@ -187,7 +177,7 @@ def check_target(path: str | os.PathLike, overwrite: bool = True) -> str:
     return path
 
 
-def open_checkpoint(path: str | os.PathLike, *, legacy: bool = False) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike[str], *, legacy: bool = False) -> Checkpoint:
     """Opens a checkpoint in the Keras weights layout (`.safetensors`, `.weights.h5`,
     `.weights.json`, `.keras`), by suffix; with `legacy`, also a legacy full-model `.h5`
     (whose layout `load` hands to Keras's legacy loader).

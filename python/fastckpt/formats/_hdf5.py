@@ -9,7 +9,7 @@ import contextlib
 import mmap
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import h5py
@@ -40,13 +40,13 @@ def h5_dtype(ds: h5py.Dataset) -> str:
         return "bfloat16"
     if dt.kind not in _PLAIN_KINDS or dt.itemsize not in _PLAIN_KINDS[dt.kind]:
         raise CheckpointContentError(f"{ds.name}: unsupported dtype {dt} in a checkpoint")
-    return dt.name
+    return str(dt.name)
 
 
 _GCOL = b"GCOL\x01\x00\x00\x00"  # signature, version 1, three reserved bytes
 
 
-def check_global_heaps(path: str, payloads: list[tuple[int, int]] = ()) -> None:
+def check_global_heaps(path: str, payloads: Sequence[tuple[int, int]] = ()) -> None:
     """Walks every global heap collection in the file the way libhdf5 will, and refuses
     the file if one is malformed. libhdf5 1.14 (h5py's) loops forever on a heap object
     of size 0 when it reads a variable-length string (an attribute such as Keras's
@@ -125,7 +125,7 @@ def h5_tensors(
     check_h5_links(f)
     names: list[bytes] = []
 
-    def collect(name: bytes, info) -> None:
+    def collect(name: bytes, info: Any) -> None:
         if info.type == h5o.TYPE_DATASET:
             names.append(name)
 

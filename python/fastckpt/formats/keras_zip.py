@@ -12,19 +12,24 @@ import io
 import os
 import struct
 import zipfile
+from typing import TYPE_CHECKING, Any
 
 import h5py
 
 from fastckpt import _fastckpt
 from fastckpt._errors import CheckpointContentError
-from fastckpt._walk import SavePlan
 from fastckpt.formats import SaveRequest
 from fastckpt.formats._hdf5 import h5_fallback, h5_tensors
 from fastckpt.formats._reading import Checkpoint
 from fastckpt.formats.weights_h5 import nodes, tensors
 
+if TYPE_CHECKING:
+    from fastckpt._walk import SavePlan
 
-def members(model: object, plan: SavePlan) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+
+def members(
+    model: object, plan: SavePlan
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     """The members around `model.weights.h5`: metadata and config before it, `assets/...`
     after it, as `saving_lib.save_model` writes them."""
     from fastckpt import _keras_private
@@ -72,7 +77,7 @@ def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:
             raise CheckpointContentError(
                 f"{path}: the local header of {info.filename} names another member"
             )
-    return info.header_offset + 30 + name_len + extra_len
+    return int(info.header_offset + 30 + name_len + extra_len)
 
 
 # Zip members read into memory (config.json) or through zipfile (a compressed weights file)
@@ -134,7 +139,7 @@ class MemberWindow(io.RawIOBase):
         self._pos = start + offset
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self._size - self._pos))
         done = 0

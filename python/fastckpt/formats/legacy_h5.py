@@ -1,8 +1,7 @@
 """Legacy full-model `.h5` (tf.keras 2.x, still written by Keras 3 for `.h5` names):
 `model_config`, `training_config`, `model_weights`, `optimizer_weights`, laid out by
-Keras's own legacy saver, which fastckpt runs against a recorder and then writes in
-parallel, atomically and durably. Keras's saver reads the values itself (on the training
-thread), so a save of this format takes no snapshot."""
+Keras's own legacy saver, which fastckpt runs against a recorder (serving it the values of
+the snapshot) and then writes in parallel, atomically and durably."""
 
 from __future__ import annotations
 
@@ -36,7 +35,9 @@ class _Recorder:
     def create_group(self, name: str | bytes) -> _Recorder:
         return _Recorder(self._child(name), self._out)
 
-    def create_dataset(self, name: str | bytes, shape=None, dtype=None, data=None) -> _Dataset:
+    def create_dataset(
+        self, name: str | bytes, shape: Any = None, dtype: Any = None, data: Any = None
+    ) -> _Dataset:
         ds = _Dataset(self._child(name), self._out)
         if data is not None:
             ds[()] = data
@@ -69,11 +70,24 @@ class _LegacyTree:
 
 
 def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
+    import keras
+
     from fastckpt import _keras_private
+
+    # Keras's saver asks for each variable's value: the snapshot's, where the plan has it.
+    snapshot = {
+        id(e.source): arr
+        for e, arr in zip(request.plan.entries, request.arrays, strict=True)
+        if isinstance(e.source, keras.Variable)
+    }
+
+    def value_of(variable: Any) -> Any:
+        found = snapshot.get(id(variable))
+        return found if found is not None else keras.ops.convert_to_numpy(variable)
 
     out = _LegacyTree()
     _keras_private.record_legacy_h5(
-        request.model, request.plan.include_optimizer, _Recorder("/", out)
+        request.model, request.plan.include_optimizer, _Recorder("/", out), value_of
     )
     nodes = [_fastckpt.Node(path, None, attrs) for path, attrs in out.groups.items()]
     nodes += [_fastckpt.Node(path, i, []) for i, (path, _) in enumerate(out.datasets)]

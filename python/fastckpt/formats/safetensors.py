@@ -43,7 +43,6 @@ def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
 def open(path: str) -> Checkpoint:
     meta, entries = _fastckpt.safetensors_header(path)
     found = {
-        t.name: TensorInfo(t.dtype, tuple(t.shape), t.offset, t.nbytes, t.crc32c)
-        for t in entries
+        t.name: TensorInfo(t.dtype, tuple(t.shape), t.offset, t.nbytes, t.crc32c) for t in entries
     }
     return Checkpoint(path, found, meta, meta.get("keras.config"))

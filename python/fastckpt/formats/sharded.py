@@ -10,17 +10,19 @@ import builtins
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from fastckpt import _fastckpt
 from fastckpt._errors import CheckpointContentError
-from fastckpt._walk import SavePlan
 from fastckpt.formats import SaveRequest
 from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_tensors
 from fastckpt.formats._reading import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    from fastckpt._walk import SavePlan
 
 
 @dataclasses.dataclass

@@ -5,25 +5,33 @@ state together."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import h5py
+import numpy as np
 
 from fastckpt import _fastckpt
-from fastckpt._walk import SavePlan
 from fastckpt.formats import SaveRequest
 from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_fallback, h5_tensors
 from fastckpt.formats._reading import Checkpoint
 
+if TYPE_CHECKING:
+    from fastckpt._walk import SavePlan
 
-def nodes(plan: SavePlan, arrays: list) -> list[_fastckpt.Node]:
+
+def nodes(plan: SavePlan, arrays: Sequence[np.ndarray]) -> list[_fastckpt.Node]:
     """The tree of Keras's `.weights.h5` for a plan; dataset `i` holds `arrays[i]`."""
-    out = [_fastckpt.Node(f"/{path}", None, [attr(k, v) for k, v in a.items()]) for path, a in plan.groups]
+    out = [
+        _fastckpt.Node(f"/{path}", None, [attr(k, v) for k, v in a.items()])
+        for path, a in plan.groups
+    ]
     for i, (entry, arr) in enumerate(zip(plan.entries, arrays, strict=True)):
         out.append(_fastckpt.Node(f"/{entry.path}", i, dataset_attrs(arr)))
     return out
 
 
-def tensors(plan: SavePlan, arrays: list) -> list[tuple[str, object]]:
+def tensors(plan: SavePlan, arrays: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray]]:
     """`(weight path, array)` in plan order: what every weights-tree format writes."""
     return [(e.path, a) for e, a in zip(plan.entries, arrays, strict=True)]
 

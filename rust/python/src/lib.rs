@@ -18,6 +18,33 @@ use fastckpt_core::io;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+/// The module's public names (the stub's `__all__`).
+const PUBLIC: [&str; 23] = [
+    "DEFAULT_BACKGROUND_THREADS",
+    "DEFAULT_THREADS",
+    "DTYPES",
+    "Attr",
+    "HeaderTensor",
+    "Job",
+    "Node",
+    "PlannedFile",
+    "WriteOptions",
+    "WriteReport",
+    "copy_into",
+    "crc32_of_range",
+    "is_temp_name",
+    "plan_bytes",
+    "plan_hdf5",
+    "plan_keras",
+    "plan_safetensors",
+    "prefault",
+    "read_into",
+    "reserve_spare",
+    "safetensors_header",
+    "sweep_stale_temps",
+    "write",
+];
+
 #[pymodule]
 fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<job::PyJob>()?;
@@ -50,5 +77,6 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
         dtypes.set_item(d.numpy_name(), d.size())?;
     }
     m.add("DTYPES", dtypes)?;
+    m.add("__all__", PUBLIC.to_vec())?;
     testing::register(m)
 }

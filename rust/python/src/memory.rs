@@ -56,9 +56,8 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
         let held = owner;
         // SAFETY: `held` keeps the array, and so its buffer, alive; prefaulting never
         // changes a byte, so it may race with writers of the same memory.
-        unsafe { host::prefault(held.ptr, held.len) }.map_err(|e| {
-            fastckpt_core::Error::io("prefault snapshot memory", PathBuf::new(), e)
-        })?;
+        unsafe { host::prefault(held.ptr, held.len) }
+            .map_err(|e| fastckpt_core::Error::io("prefault snapshot memory", PathBuf::new(), e))?;
         Ok(Output::new(Vec::new(), held.len as u64))
     };
     Ok(PyJob::start_named(

@@ -70,7 +70,6 @@ impl PyPlannedFile {
 /// Plans a SafeTensors file.
 #[pyfunction]
 pub fn plan_safetensors(
-    py: Python<'_>,
     path: PathBuf,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     metadata: BTreeMap<String, String>,
@@ -81,7 +80,6 @@ pub fn plan_safetensors(
 }
 
 fn hdf5_layout(
-    py: Python<'_>,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyRef<'_, PyNode>>,
 ) -> PyResult<(Vec<Tensor>, PlannedFile)> {
@@ -93,12 +91,11 @@ fn hdf5_layout(
 /// Plans an HDF5 file (`.weights.h5`, legacy `.h5`) from a tree of groups and datasets.
 #[pyfunction]
 pub fn plan_hdf5(
-    py: Python<'_>,
     path: PathBuf,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyRef<'_, PyNode>>,
 ) -> PyResult<PyPlannedFile> {
-    let (tensors, layout) = hdf5_layout(py, tensors, nodes)?;
+    let (tensors, layout) = hdf5_layout(tensors, nodes)?;
     Ok(PyPlannedFile::new(path, layout, tensors))
 }
 
@@ -108,7 +105,6 @@ pub fn plan_hdf5(
 #[pyfunction]
 #[pyo3(signature = (path, tensors, nodes, before, after, *, weights_name="model.weights.h5"))]
 pub fn plan_keras(
-    py: Python<'_>,
     path: PathBuf,
     tensors: Vec<(String, Bound<'_, PyAny>)>,
     nodes: Vec<PyRef<'_, PyNode>>,
@@ -116,7 +112,7 @@ pub fn plan_keras(
     after: Vec<(String, Vec<u8>)>,
     weights_name: &str,
 ) -> PyResult<PyPlannedFile> {
-    let (tensors, weights) = hdf5_layout(py, tensors, nodes)?;
+    let (tensors, weights) = hdf5_layout(tensors, nodes)?;
     let bytes_member = |(name, data): (String, Vec<u8>)| Member::Bytes { name, data };
     let members: Vec<Member> = before
         .into_iter()
@@ -127,8 +123,7 @@ pub fn plan_keras(
         }])
         .chain(after.into_iter().map(bytes_member))
         .collect();
-    let layout =
-        zip::plan(members, &tensors, &ZipOptions::default()).map_err(|e| to_py_err(&e))?;
+    let layout = zip::plan(members, &tensors, &ZipOptions::default()).map_err(|e| to_py_err(&e))?;
     Ok(PyPlannedFile::new(path, layout, tensors))
 }
 
@@ -162,7 +157,9 @@ pub fn write(
     let sync = PyWriteOptions::synchronous();
     let options = options.as_deref().unwrap_or(&sync);
     if files.is_empty() {
-        return Err(PyValueError::new_err("write() needs at least one PlannedFile"));
+        return Err(PyValueError::new_err(
+            "write() needs at least one PlannedFile",
+        ));
     }
     let planned = files
         .iter()

@@ -137,7 +137,11 @@ mod tests {
         std::fs::write(&a, b"old a").unwrap();
         std::fs::write(&index, b"old index").unwrap();
         let missing = dir.path().join("no-such-folder").join("b.bin");
-        let layouts = [bytes_file(b"new a"), bytes_file(b"new b"), bytes_file(b"new")];
+        let layouts = [
+            bytes_file(b"new a"),
+            bytes_file(b"new b"),
+            bytes_file(b"new"),
+        ];
         let files: Vec<SetFile> = [&a, &missing, &index]
             .iter()
             .zip(&layouts)
