@@ -15,10 +15,11 @@ export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYO3_PYTHON := $(abspath $(VPY))
 
-# The older Keras minors fastckpt supports, each tested by the format and callback tests:
+# The older Keras minors fastckpt supports (3.12.0 too: its first patches differ), each tested
+# by the format and callback tests:
 # Keras is pure Python, so each is installed on its own (no dependencies) into a folder
 # that shadows the venv's Keras on PYTHONPATH.
-KERAS_MINORS := 3.12 3.13 3.14
+KERAS_MINORS := 3.12.0 3.12 3.13 3.14
 KERAS_MINOR_TESTS := tests/test_formats.py tests/test_callback_parity.py \
     tests/test_callback_background.py tests/test_keras_versions.py
 

@@ -61,6 +61,9 @@ print_msg = io_utils.print_msg
 
 # Keras 3.13 added the line ModelCheckpoint prints once a save is done (with verbose).
 PRINTS_FINISHED_SAVING = KERAS_VERSION >= (3, 13)
+# Keras 3.14 fixed the first batch hook's count under `steps_per_execution > 1` (tf-keras
+# #255): its `_last_batch_seen` starts at None; before, at 0 (one batch counted too few).
+INITIAL_LAST_BATCH_SEEN: int | None = None if KERAS_VERSION >= (3, 14) else 0
 
 # The saving traversal ---------------------------------------------------------------------
 
@@ -130,12 +133,17 @@ def _optimizers_store_variables(model: keras.Model) -> Iterator[None]:
     """For the walk only: Keras's optimizers save copies of their variables, which would
     make every plan dynamic. Patch the instances (not the class) that use the stock method."""
     patched = []
-    optimizer = getattr(model, "optimizer", None)
-    while isinstance(optimizer, BaseOptimizer):
+    stack = [getattr(model, "optimizer", None)]
+    while stack:
+        optimizer = stack.pop()
+        if not isinstance(optimizer, BaseOptimizer):
+            continue
         if type(optimizer).save_own_variables is BaseOptimizer.save_own_variables:
             optimizer.save_own_variables = _bound(_store_variables, optimizer)
             patched.append(optimizer)
-        optimizer = getattr(optimizer, "inner_optimizer", None)
+        # LossScaleOptimizer's inner one; MultiOptimizer's (Keras 3.15) several.
+        stack.append(getattr(optimizer, "inner_optimizer", None))
+        stack.extend(getattr(optimizer, "_inner_optimizers", None) or ())
     try:
         yield
     finally:
@@ -155,6 +163,20 @@ def model_json(model: keras.Model) -> tuple[str, str]:
     return str(config_json), str(metadata_json)
 
 
+class _NoWeights(saving_lib.H5IOStore):
+    """Stores nothing: the weights store of a walk for assets only. Keras 3.12.0-3.12.2 and
+    3.13 refuse `weights_store=None`; every version skips a store that is false."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __bool__(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
 class _AssetStore(saving_lib.DiskIOStore):
     """Keras's asset store, noting whether any object asked for a folder."""
 
@@ -170,7 +192,7 @@ def model_assets(model: keras.Model) -> tuple[list[tuple[str, bytes]], bool]:
     object asked for an assets folder at all."""
     store = _AssetStore("assets", mode="w")
     try:
-        saving_lib._save_state(model, None, store, "", set())
+        saving_lib._save_state(model, _NoWeights(), store, "", set())
         files = []
         for root, _, names in os.walk(store.working_dir):
             for name in sorted(names):

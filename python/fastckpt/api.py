@@ -434,7 +434,7 @@ def load_model(
         )
     try:
         model = _keras_private.model_from_config(config, compile, safe_mode)
-    except ValueError as e:  # a malformed config, or one that safe_mode refuses to run
+    except (ValueError, TypeError) as e:  # a malformed config, or one safe_mode refuses
         raise CheckpointContentError(f"{path}: cannot rebuild the model: {e}") from e
     load(model, path, threads=threads)
     return model

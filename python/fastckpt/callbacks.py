@@ -1,4 +1,5 @@
-"""`ModelCheckpoint`: `keras.callbacks.ModelCheckpoint` (Keras 3.15) that saves in the background.
+"""`ModelCheckpoint`: `keras.callbacks.ModelCheckpoint` (Keras 3.12-3.15), saving in the
+background.
 
 The decisions (when to save, which file name, what to print, which warnings) copy Keras's
 `keras/src/callbacks/model_checkpoint.py` line by line, reusing Keras's `MonitorCallback` for
@@ -54,8 +55,9 @@ class _Save:
 class ModelCheckpoint(MonitorCallbackBase):
     """Saves the Keras model or its weights at some frequency, in the background.
 
-    A drop-in for `keras.callbacks.ModelCheckpoint` (Keras 3.15): the same arguments,
-    file names, decisions, messages and warnings, and files that stock Keras loads. On each
+    A drop-in for `keras.callbacks.ModelCheckpoint` as the installed Keras (3.12 to 3.15)
+    has it: the same arguments, file names, decisions, messages and warnings, and files that
+    stock Keras loads. On each
     save the training thread only copies the variables to host memory; fastckpt writes the
     file in the background to a temp file beside the target, fsyncs it and renames it into
     place, so a checkpoint on disk is always complete.
@@ -160,7 +162,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         self.save_weights_only = save_weights_only
         self.save_freq = save_freq
         self._batches_seen_since_last_saving = 0
-        self._last_batch_seen = None
+        self._last_batch_seen = _keras_private.INITIAL_LAST_BATCH_SEEN
         self._current_epoch = 0
 
         # Keras's checks and messages; fastckpt adds `.safetensors` to the suffixes.
@@ -496,7 +498,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 if pending.reuse is not None:
                     _remove_files([pending.reuse])
                 raise
-            if self.verbose > 0:
+            if self.verbose > 0 and _keras_private.PRINTS_FINISHED_SAVING:
                 print_msg(
                     f"\nEpoch {pending.epoch + 1}: finished saving model to "
                     f"{pending.filepath} ({_size_text(result.bytes)} in "
