@@ -47,7 +47,7 @@ def _bytes_written_by_thread() -> dict[int, int]:
 
 
 def _writers_while_saving(
-    tmp_path, background: bool, threads: int | None = 2
+    tmp_path, background: bool, threads: int | None = 2, name: str = "ckpt.weights.h5", **kw
 ) -> dict[int, tuple[str, int, int]]:
     """The threads a save started, seen while it runs (each payload write slowed down)."""
     model = state_model(1024)
@@ -68,9 +68,7 @@ def _writers_while_saving(
     try:
         watcher.start()
         watcher_tid[0] = watcher.native_id
-        job = fastckpt.save(
-            model, tmp_path / "ckpt.weights.h5", background=background, threads=threads
-        )
+        job = fastckpt.save(model, tmp_path / name, background=background, threads=threads, **kw)
         if background:
             job.result()
     finally:
@@ -96,6 +94,19 @@ def test_synchronous_helpers_run_at_the_callers_priority(tmp_path):
     for tid, (name, policy, nice) in seen.items():
         assert (policy, nice) == caller, (tid, name)
     assert (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)) == caller
+
+
+def test_a_synchronous_sharded_save_runs_at_the_callers_priority(tmp_path):
+    """Shards and index are one synchronous write: no thread of it runs at a background
+    writer's priority (they once were background jobs, even for a synchronous save)."""
+    caller = os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+    seen = _writers_while_saving(
+        tmp_path, background=False, name="ckpt.weights.json", max_shard_size=0.004
+    )
+    assert seen, "the synchronous save started no helper threads"
+    for tid, (name, policy, nice) in seen.items():
+        assert (policy, nice) == caller, (tid, name)
+    assert len(os.listdir(tmp_path)) >= 4, "an index and at least three shards"
 
 
 def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
