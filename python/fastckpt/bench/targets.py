@@ -169,6 +169,20 @@ def wholefit_checks(idx: Index, target: str) -> list[dict]:
         def per(r: dict | None) -> float | None:
             return median(r, "per_checkpoint")
 
+        if case.startswith("far apart, long"):
+            fck = idx.named("wholefit", target, case, "fastckpt ModelCheckpoint .weights.h5")
+            steady = median(fck, "steady")
+            if steady is not None:
+                rows.append(
+                    _row(
+                        f"snapshot (steady hook) <= 1.0x the one-thread copy floor ({case})",
+                        target,
+                        "<= 1.0x",
+                        _x(steady / floor),
+                        steady <= floor,
+                        f"median hook of the later saves {_ms(steady)} vs copy floor {_ms(floor)}",
+                    )
+                )
         if case.startswith("far apart, short"):
             fck = idx.named("wholefit", target, case, "fastckpt ModelCheckpoint .weights.h5")
             value = per(fck)
