@@ -207,7 +207,7 @@ def _finished_first(lines: list[str]) -> list[str]:
 # Reading checkpoints through independent oracles ------------------------------------------
 
 
-def h5_datasets(path: Path) -> dict[str, np.ndarray]:
+def h5_datasets(path: Path | io.BytesIO) -> dict[str, np.ndarray]:
     """Every dataset in an HDF5 file, by path, read with h5py."""
     out: dict[str, np.ndarray] = {}
     with h5py.File(path, "r") as f:

@@ -310,3 +310,94 @@ def keras_zip_growth(emit, folder: str, saves: int) -> None:
             save()
         gc.collect()
         emit("growth", writer=name, bytes=proc.memory_info().rss - before)
+
+
+# Resuming after a kill (test_resume.py) ------------------------------------------------------
+
+
+def _resume_model() -> keras.Model:
+    """Deterministic: the same weights, data order and dropout masks in every process."""
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    return model
+
+
+def resume_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(48, 6)).astype("float32")
+    return x, (x[:, 0] + x[:, 1] > 0).astype("int32") + (x[:, 2] > 1).astype("int32")
+
+
+def resume_training(
+    emit,
+    folder: str,
+    epochs: int = 4,
+    backup_freq="epoch",
+    step_delay: float = 0.0,
+    preemption: bool = True,
+    background: bool = True,
+    grace_period: float = 25.0,
+) -> None:
+    """Trains the resumable model with a `BackupAndRestore` and three `ModelCheckpoint`s
+    (every 3 batches with `max_to_keep`, the best by loss, every epoch), emitting `step`
+    after each batch; a killed run started again resumes from the backup. At the end the
+    final state is saved with stock Keras (`final.weights.h5`)."""
+    model = _resume_model()
+    x, y = resume_data()
+
+    class Steps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            emit("step", batch=batch, epoch=self._epoch)
+            if step_delay:
+                time.sleep(step_delay)
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._epoch = epoch
+
+    callbacks = [
+        fastckpt.ModelCheckpoint(
+            os.path.join(folder, "ckpt", "{epoch}-{batch}.weights.h5"),
+            save_weights_only=True,
+            save_freq=3,
+            max_to_keep=3,
+            save_on_background=background,
+        ),
+        fastckpt.BackupAndRestore(
+            os.path.join(folder, "backup"),
+            save_freq=backup_freq,
+            save_before_preemption=preemption,
+            save_on_background=background,
+            grace_period=grace_period,
+        ),
+        fastckpt.ModelCheckpoint(
+            os.path.join(folder, "best.safetensors"),
+            monitor="loss",
+            save_best_only=True,
+            save_weights_only=True,
+            save_on_background=background,
+        ),
+        fastckpt.ModelCheckpoint(
+            os.path.join(folder, "epochs", "{epoch}.keras"), save_on_background=background
+        ),
+        Steps(),
+    ]
+    emit("started", pid=os.getpid())
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+    model.save_weights(os.path.join(folder, "final.weights.h5"))
+    emit("done")

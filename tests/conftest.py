@@ -1,6 +1,7 @@
 """Shared fixtures. TensorFlow (CPU) is the backend under test."""
 
 import os
+import subprocess
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -83,3 +84,28 @@ def fault_injection():
     yield
     testing.inject_fault(None)
     testing.inject_delay(0)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted for this test."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the full-disk test needs root to mount a tmpfs; CI runs as root")
+        pytest.skip("mounting a tmpfs needs root (RLIMIT_FSIZE covers out-of-space here)")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if run.returncode != 0:
+        if os.environ.get("FASTCKPT_NO_MOUNT") == "1":
+            pytest.skip(f"FASTCKPT_NO_MOUNT=1 and mount failed: {run.stderr.decode()}")
+        pytest.fail(
+            "running as root but `mount -t tmpfs` failed (no CAP_SYS_ADMIN in this "
+            f"container?): {run.stderr.decode().strip()}. Set FASTCKPT_NO_MOUNT=1 to skip."
+        )
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -107,31 +106,6 @@ def test_file_size_limit_fails_cleanly(forkserver, states, tmp_path):
     assert error["errno"] == errno.EFBIG and error["filename"] == str(path), error
     assert path.read_bytes() == before
     assert not temps_in(tmp_path)
-
-
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A 1 MiB tmpfs mounted for this test."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the full-disk test needs root to mount a tmpfs; CI runs as root")
-        pytest.skip("mounting a tmpfs needs root (RLIMIT_FSIZE covers out-of-space here)")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    run = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
-    )
-    if run.returncode != 0:
-        if os.environ.get("FASTCKPT_NO_MOUNT") == "1":
-            pytest.skip(f"FASTCKPT_NO_MOUNT=1 and mount failed: {run.stderr.decode()}")
-        pytest.fail(
-            "running as root but `mount -t tmpfs` failed (no CAP_SYS_ADMIN in this "
-            f"container?): {run.stderr.decode().strip()}. Set FASTCKPT_NO_MOUNT=1 to skip."
-        )
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_full_disk_fails_cleanly(tiny_tmpfs):

@@ -219,7 +219,7 @@ def test_a_queued_save_that_has_not_begun_can_be_cancelled(tmp_path, fault_injec
     with slow_writes(100):
         first = api.start_save(model, tmp_path / "a.weights.h5", background=True)
         second = api.start_save(
-            model, tmp_path / "b.weights.h5", background=True, queue_after=first
+            model, tmp_path / "b.weights.h5", background=True, queue_after=[first]
         )
         while not first.begun():
             time.sleep(0.001)

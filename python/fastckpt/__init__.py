@@ -17,11 +17,13 @@ from fastckpt._errors import CheckpointContentError, CheckpointError
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackupAndRestore",
     "CheckpointContentError",
     "CheckpointError",
     "ModelCheckpoint",
     "SaveJob",
     "SaveResult",
+    "latest",
     "load",
     "load_model",
     "save",
@@ -30,7 +32,9 @@ __all__ = [
 
 # Public name -> the module that defines it; imported on first use.
 _LAZY = {
+    "BackupAndRestore": "fastckpt.backup",
     "ModelCheckpoint": "fastckpt.callbacks",
+    "latest": "fastckpt.api",
     "SaveJob": "fastckpt.api",
     "SaveResult": "fastckpt.api",
     "load": "fastckpt.api",
@@ -40,7 +44,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from fastckpt.api import SaveJob, SaveResult, load, load_model, save, save_async
+    from fastckpt.api import SaveJob, SaveResult, latest, load, load_model, save, save_async
+    from fastckpt.backup import BackupAndRestore
     from fastckpt.callbacks import ModelCheckpoint
 
 

@@ -95,10 +95,11 @@ class WriteOptions:
         *,
         threads: int | None = None,
         background: bool = False,
-        queue_after: Job | None = None,
+        queue_after: Sequence[Job] = ...,
         reuse: _Path | None = None,
         keep_replaced: bool = False,
         direct_io: bool = True,
+        previous_suffix: str | None = None,
     ) -> WriteOptions: ...
     @property
     def threads(self) -> int | None:
@@ -108,8 +109,8 @@ class WriteOptions:
     def background(self) -> bool:
         """Write on a low-priority thread and return at once."""
     @property
-    def queue_after(self) -> Job | None:
-        """Begin only once this job has ended (background writes)."""
+    def queue_after(self) -> list[Job]:
+        """Begin only once these jobs have ended (background writes)."""
     @property
     def reuse(self) -> Path | None:
         """A kept file of this process to write into instead of a new temp file."""
@@ -119,6 +120,9 @@ class WriteOptions:
     @property
     def direct_io(self) -> bool:
         """Write large payloads with `O_DIRECT` where the filesystem supports it."""
+    @property
+    def previous_suffix(self) -> str | None:
+        """Keep the version each file replaces as `<path><suffix>`, swapped in with it."""
 
 @final
 class PlannedFile:

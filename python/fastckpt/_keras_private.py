@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -359,3 +361,134 @@ def tf_assign_variable_op() -> Callable[[Any, Any], Any]:
 
     op: Callable[[Any, Any], Any] = gen_resource_variable_ops.assign_variable_op
     return op
+
+
+# Resuming a fit inside an epoch ---------------------------------------------------------------
+
+
+def seed_states(model: keras.Model, create_global: bool = False) -> list[tuple[str, Any]]:
+    """The state of every `SeedGenerator` whose draws decide what training does next, by
+    a name that stays the same across processes: each layer's (in the model's layer order;
+    Keras's weight files leave them out) and the global one that unseeded `keras.random`
+    calls use (`create_global` makes it if no call has yet, to restore into)."""
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+
+    states = []
+    for i, layer in enumerate(model._flatten_layers(include_self=True, recursive=True)):
+        for j, generator in enumerate(getattr(layer, "_seed_generators", ())):
+            states.append((f"{i}/{layer.name}/{j}", generator.state))
+    generator = global_state.get_global_attribute("global_seed_generator")
+    if generator is None and create_global:
+        generator = seed_generator.global_seed_generator()
+    if generator is not None:
+        states.append(("global", generator.state))
+    return states
+
+
+def set_initial_epoch(model: keras.Model, epoch: int) -> None:
+    """Makes the next `fit` start at `epoch` (0-based), as Keras's own BackupAndRestore
+    does (`fit` reads `model._initial_epoch`)."""
+    model._initial_epoch = epoch
+
+
+def skip_steps_of_next_epoch(
+    steps: int, on_skip: Callable[[Any], None], on_refuse: Callable[[str], None]
+) -> None:
+    """Makes the next epoch of training go past its first `steps` steps without training
+    them: their batches are drawn from the data and dropped, so the data continues where an
+    interrupted run stopped, and the hooks see the steps that remain, numbered as they were.
+
+    Keras has no way to start an epoch mid-way; this patches, for one epoch only, the
+    generator of steps every backend's `EpochIterator` runs (`_enumerate_iterator`, the
+    same in Keras 3.12 to 3.15). The batches drawn are the ones the interrupted run trained
+    when each epoch is one pass over data in a fixed order (arrays, a `PyDataset`, a finite
+    `tf.data` pipeline without an unseeded shuffle). When the data is shuffled (arrays or a
+    `PyDataset` with `shuffle=True`) or `steps_per_epoch` makes epochs share one pass, they
+    are not known: it calls `on_refuse(reason)` and the epoch starts from its first step,
+    as Keras resumes. Else it calls `on_skip(batch)`, with the last batch dropped, just
+    before the first remaining step."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    original = EpochIterator._enumerate_iterator
+
+    def enumerate_skipping(self: Any) -> Iterator[Any]:
+        EpochIterator._enumerate_iterator = original  # one epoch only
+        reason = _unskippable(self)
+        if reason is not None:
+            on_refuse(reason)
+            yield from original(self)
+            return
+        skipping, batch = True, None
+        for begin, end, iterator in original(self):
+            if begin < steps:
+                for _ in range(end - begin + 1):
+                    batch = next(iterator)  # dropped, as the interrupted run trained it
+                continue
+            if skipping:
+                skipping = False
+                on_skip(batch)
+            yield begin, end, iterator
+
+    enumerate_skipping.__wrapped_original__ = original  # type: ignore[attr-defined]
+    EpochIterator._enumerate_iterator = enumerate_skipping
+
+
+def build_compiled_metrics(model: keras.Model, batch: Any) -> None:
+    """Creates the variables of the metrics and losses `compile` asked for, from the
+    shapes of a batch of the training data, if the first training step has not yet: so
+    that their accumulators can be set before that step (TensorFlow without a
+    distribution strategy otherwise creates them while tracing it; `fit` does this on
+    the other backends)."""
+    model._symbolic_build(data_batch=batch)
+
+
+def _unskippable(iterator: Any) -> str | None:
+    """Why the first steps of this epoch cannot be told from the data, if they cannot."""
+    adapter = iterator.data_adapter
+    # Arrays keep the flag as `_shuffle` (True or "batch"), `PyDataset`s as `shuffle`.
+    if getattr(adapter, "_shuffle", False) or getattr(adapter, "shuffle", False) is True:
+        return "the data is shuffled, so the batches already trained are not known"
+    batches = iterator._num_batches
+    if iterator.steps_per_epoch and iterator.steps_per_epoch != batches:
+        # Epochs then share one pass over the data, which a new process starts afresh.
+        return (
+            f"steps_per_epoch={iterator.steps_per_epoch} is not one pass over the data "
+            f"({batches} batches)"
+        )
+    return None
+
+
+def cancel_step_skipping() -> None:
+    """Undoes `skip_steps_of_next_epoch` if its epoch never came (a `fit` that failed)."""
+    from keras.src.trainers.epoch_iterator import EpochIterator
+
+    patched = EpochIterator.__dict__.get("_enumerate_iterator")
+    original = getattr(patched, "__wrapped_original__", None)
+    if original is not None:
+        EpochIterator._enumerate_iterator = original
+
+
+class RunningFit:
+    """The `fit` that calls a callback's `on_train_begin`, to tell later, from a signal
+    handler's frame, whether that `fit` still runs (a `fit` that raises never calls
+    `on_train_end`): the nearest frame above named `fit` (every backend's trainer method,
+    3.12 to 3.15, which calls the callbacks' hooks through a `CallbackList`)."""
+
+    def __init__(self) -> None:
+        frame: types.FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != "fit":
+            frame = frame.f_back
+        self._code = None if frame is None else frame.f_code
+
+    @property
+    def found(self) -> bool:
+        return self._code is not None
+
+    def is_running(self, frame: types.FrameType | None) -> bool:
+        """Whether the `fit` is on the stack of `frame` (the main thread's, in a handler)."""
+        while frame is not None:
+            if frame.f_code is self._code:
+                return True
+            frame = frame.f_back
+        return False

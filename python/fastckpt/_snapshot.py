@@ -30,6 +30,7 @@ reused once the job it was lent to has finished.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import keras
@@ -137,6 +138,9 @@ class Snapshotter:
         # would make the two a cycle that only the garbage collector frees.
         self._entries = plan.entries
         self._arenas: list[_Arena] = []
+        # Arenas asked for by each live owner, and without one (see `prepare`).
+        self._wanted: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._unowned = 0
         self._lock = threading.Lock()
         self._read: Reader | None = None
         if not plan.dynamic:
@@ -155,15 +159,22 @@ class Snapshotter:
         #: Host memory one snapshot buffer (arena) takes.
         self.buffer_bytes = sum(-(-_nbytes(s, d) // PAGE) * PAGE for _, s, d in self._specs)
 
-    def prepare(self, buffers: int) -> list[_Arena]:
-        """Makes sure `buffers` arenas exist (their pages faulting in on a background
-        thread), so that the first snapshots find their memory ready; returns them."""
+    def prepare(self, buffers: int, owner: object = None) -> list[_Arena]:
+        """Makes sure the arenas every owner asked for exist (`buffers` for `owner`, added
+        to what the other owners asked: two callbacks of one `fit` each get theirs), their
+        pages faulting in on a background thread, so that the first snapshots find their
+        memory ready; returns them."""
         if self._read is None or not self._specs:
             return []
         with self._lock:
-            while len(self._arenas) < buffers:
+            if owner is None:
+                self._unowned = max(self._unowned, buffers)
+            else:
+                self._wanted[owner] = buffers
+            wanted = self._unowned + sum(self._wanted.values())
+            while len(self._arenas) < wanted:
                 self._arenas.append(_Arena(self._specs))
-            return list(self._arenas[:buffers])
+            return list(self._arenas[:wanted])
 
     def _arena_for_next(self) -> _Arena:
         """A free arena, reserved for the caller (saves from several threads never share

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any, Literal, overload
 
 import keras
@@ -238,14 +240,21 @@ def start_save(
     weights_only: bool = False,
     format: str | None = None,
     max_shard_size: float | None = None,
-    queue_after: SaveJob | None = None,
+    queue_after: Sequence[SaveJob] = (),
     hold: bool | None = None,
     reuse: str | None = None,
     keep_replaced: bool = False,
+    extra: formats.Extra | None = None,
+    companions: Sequence[tuple[str, bytes]] = (),
+    previous_suffix: str | None = None,
 ) -> SaveJob:
     """`save`, returning the job (finished unless in the background): the callbacks' way in.
 
-    A background write begins once `queue_after` has ended. `hold` (default: for
+    A background write begins once every job in `queue_after` has ended. `extra` adds
+    fastckpt's own attributes and tensors to a `.weights.h5` file (a backup's training
+    state); `companions` are small files `(path, bytes)` committed with the checkpoint, the
+    last of them last (a backup's `training_metadata.json`); `previous_suffix` keeps each
+    file's previous version under that suffix (`.bkp`). `hold` (default: for
     synchronous saves) lends the variables' own buffers instead of copying them: only for
     a save that no training step will pass before its write ends. `keep_replaced` keeps
     the file the save replaces under a temp name (`SaveJob.kept` once done), and `reuse`
@@ -256,21 +265,35 @@ def start_save(
     fmt = formats.format_for(path) if format is None else formats.by_name(format)
     path = formats.check_target(path, overwrite)
     plan = plan_for(model, include_optimizer)
+    if not background:
+        # A synchronous write runs at once: what it must follow ends first (its errors
+        # stay with its owner).
+        for earlier in queue_after:
+            earlier.wait()
+        queue_after = ()
     snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
     handed_off = time.perf_counter()
     try:
         request = formats.SaveRequest(
-            model, path, plan, snap.arrays, weights_only=weights_only, max_shard_size=max_shard_size
+            model,
+            path,
+            plan,
+            snap.arrays,
+            weights_only=weights_only,
+            max_shard_size=max_shard_size,
+            extra=extra,
         )
         options = _fastckpt.WriteOptions(
             threads=threads,
             background=background,
-            queue_after=None if queue_after is None else queue_after._job,
+            queue_after=[j._job for j in queue_after],
             reuse=reuse,
             keep_replaced=keep_replaced,
             direct_io=direct_io_allowed(),
+            previous_suffix=previous_suffix,
         )
-        job = _fastckpt.write(fmt.plan(request), options=options)
+        files = fmt.plan(request) + [_fastckpt.plan_bytes(p, data) for p, data in companions]
+        job = _fastckpt.write(files, options=options)
     except BaseException:
         snap.release()
         raise
@@ -291,15 +314,17 @@ def prepare(
     *,
     include_optimizer: bool = True,
     buffers: int = 1,
+    owner: object = None,
     spare_for: str | None = None,
 ) -> Prepared:
     """Readies what saves of `model` need before the first one is due: the plan (Keras's
     traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on a
     low-priority thread, and with `spare_for` a file beside that path with room for the
     checkpoint, reserved on the same kind of thread, for the first save to write into
-    (`start_save(reuse=...)`, once the job has succeeded)."""
+    (`start_save(reuse=...)`, once the job has succeeded). The buffers of several `owner`s
+    (the callbacks of one `fit`) add up."""
     plan = plan_for(model, include_optimizer)
-    arenas = snapshotter_for(plan).prepare(buffers)
+    arenas = snapshotter_for(plan).prepare(buffers, owner)
     spare = None
     folder = os.path.dirname(os.path.abspath(spare_for)) if spare_for else None
     if spare_for is not None and folder is not None and os.path.isdir(folder):
@@ -407,6 +432,71 @@ def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
 def _listing(names: list[str], most: int = 5) -> str:
     shown = ", ".join(names[:most])
     return f"{len(names)} variables: {shown}" + (", ..." if len(names) > most else "")
+
+
+def latest(folder_or_pattern: str | os.PathLike[str], *, verify: bool = True) -> str | None:
+    """The newest complete checkpoint: among the checkpoint files in a folder (or matching
+    a glob pattern), the one whose recorded training step is the highest.
+
+    The step is the one recorded inside the file (the optimizer's iteration count,
+    `optimizer/vars/0`, which Keras's and fastckpt's files of a compiled model hold), never
+    the file's time. Skipped: fastckpt's temp files, the shards of a sharded checkpoint
+    (its index stands for it), legacy `.h5` files, files without a step, and with `verify`
+    files that fail `fastckpt.verify` (structure and every checksum, so every payload is
+    read: pass `verify=False` to only open each file).
+
+    Returns:
+        The path, or None when no file qualifies.
+    """
+    import glob
+
+    from fastckpt.verify import verify as verify_file
+
+    target = os.fspath(folder_or_pattern)
+    if os.path.isdir(target):
+        names = [os.path.join(target, n) for n in sorted(os.listdir(target))]
+    else:
+        names = sorted(glob.glob(target))
+    candidates = []
+    for path in names:
+        name = os.path.basename(path)
+        if _fastckpt.is_temp_name(name) or not os.path.isfile(path):
+            continue
+        try:
+            fmt = formats.format_for(path)
+        except ValueError:
+            continue
+        if fmt.keras_layout:
+            candidates.append(path)
+    shards = set()
+    for path in candidates:
+        if formats.format_for(path).sharded:
+            with contextlib.suppress(OSError, ValueError, CheckpointContentError):
+                checkpoint = formats.open_checkpoint(path)
+                shards |= {t.file for t in checkpoint.tensors.values() if t.file}
+    best: tuple[int, int, str] | None = None
+    for path in candidates:
+        if path in shards:
+            continue
+        try:
+            step = _recorded_step(path)
+        except (OSError, ValueError):  # unreadable or damaged: not a candidate
+            continue
+        if step is None or (verify and not verify_file(path).ok):
+            continue
+        key = (step, os.stat(path).st_mtime_ns, path)
+        if best is None or key > best:
+            best = key
+    return None if best is None else best[2]
+
+
+def _recorded_step(path: str) -> int | None:
+    """The training step a checkpoint records: its optimizer's iteration count."""
+    checkpoint = formats.open_checkpoint(path)
+    info = checkpoint.tensors.get("optimizer/vars/0")
+    if info is None or info.shape != () or not info.dtype.startswith(("int", "uint")):
+        return None
+    return int(checkpoint.read(["optimizer/vars/0"])["optimizer/vars/0"])
 
 
 def load_model(

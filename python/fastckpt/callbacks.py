@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fastckpt import _keras_private, api, formats
+from fastckpt import _fastckpt, _keras_private, _training_state, api, formats
 from fastckpt._keras_private import MonitorCallbackBase, print_msg
 
 # How long one wait for a background save may block before Python gets to run signal
@@ -233,6 +233,7 @@ class ModelCheckpoint(MonitorCallbackBase):
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # A save left running by an interrupted `fit` ends (or raises) before a new one.
         self.wait_until_finished()
+        _training_state.register(self.model, self)
         self._unprepared = True
         self._prepare()
 
@@ -256,6 +257,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         prepared = api.prepare(
             self.model,
             buffers=self.snapshot_buffers if self.save_on_background else 0,
+            owner=self,
             spare_for=self.filepath if fixed and self.filepath not in self._spares else None,
         )
         if prepared.spare is not None:
@@ -294,6 +296,40 @@ class ModelCheckpoint(MonitorCallbackBase):
         into its folder sweeps once this process is gone)."""
         spares, self._spares = list(self._spares.values()), {}
         _drop_when_done(spares)
+
+    # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
+
+    def state_key(self) -> str:
+        return f"ModelCheckpoint({self.filepath!r}, monitor={self.monitor!r})"
+
+    def get_state(self) -> dict[str, Any]:
+        """What decides this callback's next saves: the best value, the counters, and the
+        files `max_to_keep` tracks (those still being written included: a backup commits
+        after them)."""
+        written = [[main, list(paths)] for main, paths in self._written]
+        for pending in self._saves:
+            main = os.path.abspath(pending.filepath)
+            written = [w for w in written if w[0] != main] + [[main, [main]]]
+        best = self.best
+        return {
+            "best": None if best is None else float(best),
+            "batches_seen_since_last_saving": self._batches_seen_since_last_saving,
+            "last_batch_seen": self._last_batch_seen,
+            "current_epoch": self._current_epoch,
+            "epochs_since_last_save": self._epochs_since_last_save,
+            "written": written,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.best = state["best"]
+        self._batches_seen_since_last_saving = state["batches_seen_since_last_saving"]
+        self._last_batch_seen = state["last_batch_seen"]
+        self._current_epoch = state["current_epoch"]
+        self._epochs_since_last_save = state["epochs_since_last_save"]
+        self._written = [(main, tuple(paths)) for main, paths in state["written"]]
+
+    def pending_jobs(self) -> list[api.SaveJob]:
+        return [s.handle for s in self._saves if isinstance(s.handle, api.SaveJob) and not s.done()]
 
     def wait_until_finished(self) -> None:
         """Blocks until every save in flight is durable and `max_to_keep`'s deletions are
@@ -392,7 +428,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 threads=self.threads,
                 weights_only=self.save_weights_only,
                 format=self._format().name,
-                queue_after=queued_behind if isinstance(queued_behind, api.SaveJob) else None,
+                queue_after=[queued_behind] if isinstance(queued_behind, api.SaveJob) else [],
                 # No training step comes between the last checkpoint of a `fit` and the
                 # wait for it in `on_train_end`: its write can read the variables' own
                 # buffers, and the copy is saved.
@@ -509,14 +545,7 @@ class ModelCheckpoint(MonitorCallbackBase):
 
     def _take_spare(self, filepath: str) -> str | None:
         """The kept file for a save of `filepath` to write into, if one is ready."""
-        spare = self._spares.pop(os.path.abspath(filepath), None)
-        if spare is None or isinstance(spare, str):
-            return spare
-        # A reservation made when training began: usable once it has succeeded.
-        if spare.done() and spare.exception() is None:
-            return str(os.fspath(spare.result().paths[0]))
-        _drop_when_done([spare])
-        return None
+        return _ready_spare(self._spares.pop(os.path.abspath(filepath), None))
 
     def _keep_spare(self, filepath: str, spare: str | None) -> None:
         """Keeps `spare` for the next save of `filepath`; one per file (an extra one, left
@@ -600,6 +629,17 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def _ready_spare(spare: str | _fastckpt.Job | None) -> str | None:
+    """A kept file to write into: a path, or the job reserving one (made when training
+    began) once it has succeeded; a reservation still running or failed is dropped."""
+    if spare is None or isinstance(spare, str):
+        return spare
+    if spare.done() and spare.exception() is None:
+        return str(os.fspath(spare.result().paths[0]))
+    _drop_when_done([spare])
+    return None
+
+
 def _drop_when_done(spares: list[Any]) -> None:
     """Removes kept files (paths, or jobs still reserving one) on a daemon thread."""
     if not spares:
@@ -650,6 +690,14 @@ def _size_text(nbytes: int) -> str:
 
 def _seconds_text(seconds: float) -> str:
     return f"{seconds:.2f} s" if seconds >= 0.01 else f"{seconds * 1e3:.2f} ms"
+
+
+def wait_for_saves_in_flight() -> None:
+    """Waits (on every core) until every background save of fastckpt's callbacks has
+    ended; their errors stay with their callbacks."""
+    for handle in list(_IN_FLIGHT):
+        while not handle.wait(_WAIT_SLICE_S):
+            pass
 
 
 @atexit.register

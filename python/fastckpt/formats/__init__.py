@@ -31,8 +31,10 @@ if TYPE_CHECKING:
     from fastckpt._walk import SavePlan
 
 __all__ = [
+    "EXTRA_GROUP",
     "FORMATS",
     "Checkpoint",
+    "Extra",
     "Format",
     "SaveRequest",
     "TensorInfo",
@@ -43,6 +45,25 @@ __all__ = [
     "numpy_dtype",
     "open_checkpoint",
 ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+    """What fastckpt adds to a `.weights.h5` file beside Keras's tree: string attributes of
+    the root group, and tensors under the reserved top-level group `EXTRA_GROUP`, which
+    Keras's loader never visits and fastckpt's reads apart (`Checkpoint.extras`).
+
+    Attributes:
+        attrs: root attributes, name -> text.
+        tensors: `(name, array)`, stored as `EXTRA_GROUP/name`.
+    """
+
+    attrs: dict[str, str] = dataclasses.field(default_factory=dict)
+    tensors: list[tuple[str, np.ndarray]] = dataclasses.field(default_factory=list)
+
+
+#: The top-level group of a `.weights.h5` file that holds fastckpt's own tensors.
+EXTRA_GROUP = "fastckpt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +78,7 @@ class SaveRequest:
             values themselves).
         weights_only: leave the model config out (formats that can hold it).
         max_shard_size: for sharded weights, the largest shard in GB.
+        extra: fastckpt's own attributes and tensors (`.weights.h5` only).
     """
 
     model: Any
@@ -65,6 +87,7 @@ class SaveRequest:
     arrays: list[np.ndarray]
     weights_only: bool = False
     max_shard_size: float | None = None
+    extra: Extra | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +127,8 @@ class Format:
                 "`max_shard_size` needs a path ending in `.weights.json` (the shards' "
                 f"index). Received: path={request.path!r}"
             )
+        if request.extra is not None and self.name != "weights_h5":
+            raise ValueError(f"only .weights.h5 files carry fastckpt's extras, not {self.name}")
         files: list[_fastckpt.PlannedFile] = self.impl.plan(request)
         return files
 

@@ -56,13 +56,16 @@ class Checkpoint:
     model_config: str | None
     # Reads a tensor the parallel reader cannot (chunked or filtered HDF5 datasets).
     fallback: Callable[[str], np.ndarray] | None = None
+    # fastckpt's own tensors beside Keras's tree (`formats.Extra`), by their full path.
+    extras: dict[str, TensorInfo] = dataclasses.field(default_factory=dict)
 
     def read(self, names: list[str], *, threads: int | None = None) -> dict[str, np.ndarray]:
-        """Reads the named tensors in parallel into fresh arrays, checking checksums."""
+        """Reads the named tensors (or extras) in parallel into fresh arrays, checking
+        checksums."""
         out = {}
         by_file: dict[str, list[tuple[str, np.ndarray]]] = {}
         for name in names:
-            info = self.tensors[name]
+            info = self._info(name)
             if info.offset < 0:
                 assert self.fallback is not None
                 with content_errors(self.path):
@@ -72,15 +75,18 @@ class Checkpoint:
             out[name] = arr
             by_file.setdefault(info.file or self.path, []).append((name, arr))
         for path, pairs in by_file.items():
-            items = [(self.tensors[name].offset, arr) for name, arr in pairs]
+            items = [(self._info(name).offset, arr) for name, arr in pairs]
             sums = _fastckpt.read_into(path, items, threads=threads, crc32c=True)
             assert sums is not None
             self._check_sums([name for name, _ in pairs], sums)
         return out
 
+    def _info(self, name: str) -> TensorInfo:
+        return self.tensors.get(name) or self.extras[name]
+
     def _check_sums(self, direct: list[str], sums: list[int]) -> None:
         for name, got in zip(direct, sums, strict=True):
-            want = self.tensors[name].crc32c
+            want = self._info(name).crc32c
             if want is not None and want != got:
                 raise CheckpointContentError(
                     f"{self.path}: checksum mismatch for {name} (file says {want:08x}, data "

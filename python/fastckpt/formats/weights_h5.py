@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 
 from fastckpt import _fastckpt
-from fastckpt.formats import SaveRequest
+from fastckpt._errors import CheckpointContentError
+from fastckpt.formats import EXTRA_GROUP, SaveRequest
 from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_fallback, h5_tensors
 from fastckpt.formats._reading import Checkpoint
 
@@ -37,16 +38,35 @@ def tensors(plan: SavePlan, arrays: Sequence[np.ndarray]) -> list[tuple[str, np.
 
 
 def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
-    return [
-        _fastckpt.plan_hdf5(
-            request.path,
-            tensors(request.plan, request.arrays),
-            nodes(request.plan, request.arrays),
-        )
-    ]
+    found = tensors(request.plan, request.arrays)
+    tree = nodes(request.plan, request.arrays)
+    extra = request.extra
+    if extra is not None:
+        # Keras's files have no root attributes and no `fastckpt` group: Keras's loader
+        # visits only its own objects' groups, so it reads such a file as it reads its own.
+        tree.insert(0, _fastckpt.Node("/", None, [attr(k, v) for k, v in extra.attrs.items()]))
+        tree.append(_fastckpt.Node(f"/{EXTRA_GROUP}", None, []))
+        for name, arr in extra.tensors:
+            tree.append(_fastckpt.Node(f"/{EXTRA_GROUP}/{name}", len(found), dataset_attrs(arr)))
+            found.append((f"{EXTRA_GROUP}/{name}", arr))
+    return [_fastckpt.plan_hdf5(request.path, found, tree)]
 
 
 def open(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
-        found = h5_tensors(f, 0, os.path.getsize(path), path)
-    return Checkpoint(path, found, {}, None, h5_fallback(lambda stack: path))
+        # String attributes are read through the global heap: checked first (h5_tensors).
+        has_attrs = len(f.attrs) > 0
+        found = h5_tensors(f, 0, os.path.getsize(path), path, all_strings=has_attrs)
+        attrs = {str(k): _text(v) for k, v in f.attrs.items()} if has_attrs else {}
+    prefix = f"{EXTRA_GROUP}/"
+    extras = {n: t for n, t in found.items() if n.startswith(prefix)}
+    keras_tree = {n: t for n, t in found.items() if not n.startswith(prefix)}
+    return Checkpoint(path, keras_tree, attrs, None, h5_fallback(lambda stack: path), extras)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf8")
+    if isinstance(value, str):
+        return value
+    raise CheckpointContentError(f"root attribute of type {type(value).__name__}: not text")

@@ -1,7 +1,7 @@
 //! A write running on its own thread: owns everything it needs (tensors keep their bytes
 //! alive), reports done / error / bytes / seconds, and can be waited on with a timeout.
 //!
-//! Jobs can be chained: a job started `after` another begins only when that one has ended
+//! Jobs can be chained: a job started `after` others begins only when they have all ended
 //! (so two saves to one path commit in the order they were asked for), and until it begins
 //! it can be cancelled (a newer save to the same path makes it pointless). Waiting for a job
 //! hurries it: a background write uses few threads so that training keeps the cores, and
@@ -45,9 +45,9 @@ pub struct WriteReport {
 type Outcome = std::result::Result<WriteReport, Arc<Error>>;
 
 enum State {
-    /// Not begun: waiting for `after` to end (None: about to begin).
+    /// Not begun: waiting for every job in `after` to end (empty: about to begin).
     Queued {
-        after: Option<Job>,
+        after: Vec<Job>,
     },
     Running,
     Finished(Outcome),
@@ -91,12 +91,12 @@ impl Job {
     }
 
     /// Starts `work` on a new thread named `name` that runs at the lowest priority (nice
-    /// 19, see `io::background_priority`), once `after` (if any) has ended. `effort` is the one the work's
-    /// writes consult: hurrying the job hurries them.
-    pub fn spawn(name: &str, after: Option<&Job>, effort: Effort, work: impl Work) -> Job {
+    /// 19, see `io::background_priority`), once every job in `after` has ended. `effort` is
+    /// the one the work's writes consult: hurrying the job hurries them.
+    pub fn spawn(name: &str, after: &[Job], effort: Effort, work: impl Work) -> Job {
         let job = Job::with_state(
             State::Queued {
-                after: after.cloned(),
+                after: after.to_vec(),
             },
             effort,
         );
@@ -124,7 +124,7 @@ impl Job {
             State::Queued { after } => after.clone(),
             _ => return, // cancelled before the thread got going
         };
-        if let Some(previous) = after {
+        for previous in after {
             previous.wait(None);
         }
         {
@@ -161,14 +161,14 @@ impl Job {
         true
     }
 
-    /// Asks the job (and the job it is queued behind) to use every thread it may.
+    /// Asks the job (and the jobs it is queued behind) to use every thread it may.
     pub fn hurry(&self) {
         self.shared.effort.hurry();
         let after = match &*self.shared.state.lock().unwrap() {
             State::Queued { after } => after.clone(),
-            _ => None,
+            _ => Vec::new(),
         };
-        if let Some(previous) = after {
+        for previous in after {
             previous.hurry();
         }
     }
@@ -223,7 +223,8 @@ mod tests {
     use std::sync::mpsc;
 
     fn spawn(after: Option<&Job>, work: impl Work) -> Job {
-        Job::spawn("fastckpt-writer", after, Effort::default(), work)
+        let after: Vec<Job> = after.into_iter().cloned().collect();
+        Job::spawn("fastckpt-writer", &after, Effort::default(), work)
     }
 
     #[test]
@@ -300,6 +301,31 @@ mod tests {
     }
 
     #[test]
+    fn a_job_after_several_begins_once_they_all_ended() {
+        let (tx1, rx1) = mpsc::channel::<()>();
+        let (tx2, rx2) = mpsc::channel::<()>();
+        let a = spawn(None, move || {
+            rx1.recv().ok();
+            Ok(Output::new(vec![], 1))
+        });
+        let b = spawn(None, move || {
+            rx2.recv().ok();
+            Ok(Output::new(vec![], 2))
+        });
+        let last = Job::spawn("last", &[a.clone(), b.clone()], Effort::default(), || {
+            Ok(Output::new(vec![], 3))
+        });
+        tx1.send(()).unwrap();
+        a.wait(None);
+        assert!(
+            !last.wait(Some(Duration::from_millis(50))),
+            "b has not ended"
+        );
+        tx2.send(()).unwrap();
+        assert!(last.wait(Some(Duration::from_secs(10))));
+    }
+
+    #[test]
     fn only_a_job_that_has_not_begun_can_be_cancelled() {
         let (tx, rx) = mpsc::channel::<()>();
         let (began_tx, began_rx) = mpsc::channel::<()>();
@@ -333,14 +359,17 @@ mod tests {
     fn hurrying_a_queued_job_hurries_the_one_it_waits_for() {
         let (tx, rx) = mpsc::channel::<()>();
         let first_effort = Effort::default();
-        let first = Job::spawn("first", None, first_effort.clone(), move || {
+        let first = Job::spawn("first", &[], first_effort.clone(), move || {
             rx.recv().ok();
             Ok(Output::new(vec![], 1))
         });
         let second_effort = Effort::default();
-        let second = Job::spawn("second", Some(&first), second_effort.clone(), || {
-            Ok(Output::new(vec![], 2))
-        });
+        let second = Job::spawn(
+            "second",
+            std::slice::from_ref(&first),
+            second_effort.clone(),
+            || Ok(Output::new(vec![], 2)),
+        );
         assert!(!first_effort.is_hurried() && !second_effort.is_hurried());
         second.hurry();
         assert!(first_effort.is_hurried() && second_effort.is_hurried());

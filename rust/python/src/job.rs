@@ -10,10 +10,10 @@ use pyo3::prelude::*;
 
 use crate::errors::to_py_err;
 
-/// Where a write runs: here, or on a writer thread (once `after` has ended, if given).
+/// Where a write runs: here, or on a writer thread (once every job in `after` has ended).
 pub enum When<'a> {
     Here,
-    Background { after: Option<&'a PyJob> },
+    Background { after: Vec<&'a PyJob> },
 }
 
 /// How often a waiting thread checks for signals (Ctrl-C).
@@ -59,7 +59,10 @@ impl PyJob {
         F: FnOnce() -> Result<Output> + Send + 'static,
     {
         let inner = match when {
-            When::Background { after } => Job::spawn(name, after.map(|j| &j.inner), effort, work),
+            When::Background { after } => {
+                let after: Vec<Job> = after.iter().map(|j| j.inner.clone()).collect();
+                Job::spawn(name, &after, effort, work)
+            }
             When::Here => py.detach(|| Job::run_here(work)),
         };
         PyJob { inner }

@@ -64,7 +64,7 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
         "fastckpt-prefault",
         py,
         work,
-        When::Background { after: None },
+        When::Background { after: Vec::new() },
         Effort::default(),
     ))
 }
@@ -82,7 +82,7 @@ pub fn reserve_spare(py: Python<'_>, target: PathBuf, length: u64) -> PyJob {
         "fastckpt-prefault",
         py,
         work,
-        When::Background { after: None },
+        When::Background { after: Vec::new() },
         Effort::default(),
     )
 }

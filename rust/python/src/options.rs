@@ -26,29 +26,33 @@ pub struct PyWriteOptions {
     #[pyo3(get)]
     background: bool,
     #[pyo3(get)]
-    queue_after: Option<Py<PyJob>>,
+    queue_after: Vec<Py<PyJob>>,
     #[pyo3(get)]
     reuse: Option<PathBuf>,
     #[pyo3(get)]
     keep_replaced: bool,
     #[pyo3(get)]
     direct_io: bool,
+    #[pyo3(get)]
+    previous_suffix: Option<String>,
 }
 
 #[pymethods]
 impl PyWriteOptions {
     #[new]
-    #[pyo3(signature = (*, threads=None, background=false, queue_after=None, reuse=None, keep_replaced=false, direct_io=true))]
+    #[pyo3(signature = (*, threads=None, background=false, queue_after=Vec::new(), reuse=None, keep_replaced=false, direct_io=true, previous_suffix=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         threads: Option<usize>,
         background: bool,
-        queue_after: Option<Py<PyJob>>,
+        queue_after: Vec<Py<PyJob>>,
         reuse: Option<PathBuf>,
         keep_replaced: bool,
         direct_io: bool,
+        previous_suffix: Option<String>,
     ) -> PyResult<Self> {
         thread_count(threads, 1)?;
-        if queue_after.is_some() && !background {
+        if !queue_after.is_empty() && !background {
             return Err(PyValueError::new_err(
                 "queue_after needs background=True: a synchronous write runs at once",
             ));
@@ -60,6 +64,7 @@ impl PyWriteOptions {
             reuse,
             keep_replaced,
             direct_io,
+            previous_suffix,
         })
     }
 }
@@ -78,13 +83,14 @@ impl PyWriteOptions {
         opts.direct_io = self.direct_io;
         opts.reuse = self.reuse.clone();
         opts.keep_replaced = self.keep_replaced;
+        opts.previous_suffix = self.previous_suffix.clone();
         opts
     }
 
     pub fn when(&self) -> When<'_> {
         if self.background {
             When::Background {
-                after: self.queue_after.as_ref().map(|j| j.get()),
+                after: self.queue_after.iter().map(|j| j.get()).collect(),
             }
         } else {
             When::Here
@@ -96,10 +102,11 @@ impl PyWriteOptions {
         PyWriteOptions {
             threads: None,
             background: false,
-            queue_after: None,
+            queue_after: Vec::new(),
             reuse: None,
             keep_replaced: false,
             direct_io: true,
+            previous_suffix: None,
         }
     }
 }

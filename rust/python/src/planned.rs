@@ -185,11 +185,15 @@ pub fn write(
                 tensors: &p.tensors,
             })
             .collect();
-        let lens = io::write_set(&set, &opts)?;
+        let written = io::write_set(&set, &opts)?;
         // The record (the last file) is the main one: first.
         let mut paths: Vec<PathBuf> = planned.iter().map(|p| p.target.clone()).collect();
         paths.rotate_right(1);
-        Ok(Output::new(paths, lens.iter().sum()))
+        Ok(Output {
+            paths,
+            bytes: written.lens.iter().sum(),
+            kept: written.kept,
+        })
     };
     Ok(PyJob::start(py, work, options.when(), effort))
 }

@@ -32,6 +32,10 @@ pub struct WriteOptions {
     /// Keep the file this write replaces, under a new temp name, for the next write to
     /// the target to reuse (reported in [`Written::kept`]).
     pub keep_replaced: bool,
+    /// Keep the file this write replaces as `<target><suffix>` (a second name of it, made
+    /// just before the rename, replacing an older one): the previous version, for readers
+    /// that fall back to it (Keras's `BackupAndRestore(double_checkpoint=True)` `.bkp`).
+    pub previous_suffix: Option<String>,
 }
 
 /// What [`write_file_keeping`] did.
@@ -60,6 +64,7 @@ impl Default for WriteOptions {
             direct_io: true,
             reuse: None,
             keep_replaced: false,
+            previous_suffix: None,
         }
     }
 }
@@ -88,7 +93,13 @@ pub fn write_file_keeping(
     let temp = reused.map_or_else(|| temp_path_for(target), Path::to_path_buf);
     let result =
         write_temp(&temp, target, layout, tensors, opts, reused.is_some()).and_then(|len| {
-            let kept = commit(&temp, target, &dir, opts.keep_replaced)?;
+            let kept = commit(
+                &temp,
+                target,
+                &dir,
+                opts.keep_replaced,
+                opts.previous_suffix.as_deref(),
+            )?;
             Ok(Written { len, kept })
         });
     if result.is_err() {
@@ -128,7 +139,7 @@ pub(crate) fn folder_of(target: &Path) -> Result<PathBuf> {
 
 /// Whether `path` may be written over: one of this process's temp files in `dir`, with no
 /// other name (so no checkpoint can be changed through it).
-fn reusable(path: &Path, dir: &Path) -> bool {
+pub(crate) fn reusable(path: &Path, dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let ours = path.parent() == Some(dir)
         && path
@@ -265,7 +276,14 @@ pub(crate) fn write_temp(
 /// (tmpfs) the zeros are also written, so the memory is touched too: a page that is only
 /// reserved still costs its first touch (on a VM, the host backing it) in the write.
 /// Returns its path; on failure nothing is left behind.
+///
+/// A reservation is a run's first touch of the folder, so it first sweeps what a crashed
+/// run left there (its temp files are worth their size in space, and a resumed run may
+/// never write that name again to sweep them).
 pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
+    if let Ok(dir) = folder_of(target) {
+        sweep_stale_temps(&dir);
+    }
     let temp = temp_path_for(target);
     let made = OpenOptions::new()
         .write(true)
@@ -351,14 +369,38 @@ fn zero_gaps(file: &File, extents: impl Iterator<Item = (u64, u64)>, len: u64) -
     Ok(())
 }
 
-/// Renames the temp file over the target and fsyncs the folder. With `keep`, the file it
-/// replaces is first given a temp name of its own, and returned.
+/// Renames the temp file over the target and fsyncs the folder; see [`replace`] for `keep`
+/// and `previous_suffix`.
 pub(crate) fn commit(
     temp: &Path,
     target: &Path,
     dir: &Path,
     keep: bool,
+    previous_suffix: Option<&str>,
 ) -> Result<Option<PathBuf>> {
+    let kept = replace(temp, target, keep, previous_suffix)?;
+    // The rename (and the names kept) are durable only once the folder's entry is on disk.
+    if let Err(e) = fsync_folder(dir) {
+        if let Some(name) = &kept {
+            let _ = std::fs::remove_file(name);
+        }
+        return Err(e);
+    }
+    Ok(kept)
+}
+
+/// Renames the temp file over the target. With `keep`, the file it replaces is first given
+/// a temp name of its own, and returned; with `previous_suffix`, also the name
+/// `<target><suffix>` (replacing the one there). No name is kept if the target is new.
+pub(crate) fn replace(
+    temp: &Path,
+    target: &Path,
+    keep: bool,
+    previous_suffix: Option<&str>,
+) -> Result<Option<PathBuf>> {
+    if let Some(suffix) = previous_suffix {
+        keep_previous(target, suffix)?;
+    }
     let kept = keep
         .then(|| {
             let name = temp_path_for(target);
@@ -372,14 +414,26 @@ pub(crate) fn commit(
         }
         return Err(e);
     }
-    // The rename (and the kept name) are durable only once the folder's entry is on disk.
-    if let Err(e) = fsync_folder(dir) {
-        if let Some(name) = &kept {
-            let _ = std::fs::remove_file(name);
-        }
-        return Err(e);
-    }
     Ok(kept)
+}
+
+/// Gives the current `target` (if any) the name `<target><suffix>` too, atomically: a link
+/// under a temp name, renamed over the old `<target><suffix>`.
+fn keep_previous(target: &Path, suffix: &str) -> Result<()> {
+    let mut name = target.as_os_str().to_owned();
+    name.push(suffix);
+    let previous = PathBuf::from(name);
+    let link = temp_path_for(&previous);
+    match std::fs::hard_link(target, &link) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("keep the previous version of", target, e)),
+    }
+    let renamed = std::fs::rename(&link, &previous);
+    // A rename between two names of one file does nothing and succeeds (POSIX): when
+    // `<target><suffix>` already is the current target, the link name stays behind.
+    let _ = std::fs::remove_file(&link);
+    renamed.map_err(|e| Error::io("keep the previous version of", target, e))
 }
 
 /// Renames a written temp file over its target.
@@ -450,6 +504,18 @@ mod tests {
         assert_eq!(std::fs::read(&kept).unwrap(), before);
         assert_eq!(std::fs::metadata(&kept).unwrap().nlink(), 1);
         assert_eq!(std::fs::read(&target).unwrap()[16..24], [2; 8]);
+    }
+
+    #[test]
+    fn a_reservation_sweeps_what_a_dead_writer_left_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("c.bin");
+        // pid 0x7ffffff0 is far above pid_max, so no such process exists.
+        let dead = dir.path().join(".c.bin.fastckpt-2147483632-0.tmp");
+        std::fs::write(&dead, b"left by a crash").unwrap();
+        let spare = reserve_spare(&target, 4096).unwrap();
+        assert!(!dead.exists());
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), 4096);
     }
 
     #[test]

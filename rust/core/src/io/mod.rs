@@ -16,7 +16,7 @@ pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
 pub use parallel::{Effort, Width};
 pub use read::{crc32_of_range, read_into, ReadItem};
-pub use set::{write_set, SetFile};
+pub use set::{write_set, SetFile, SetWritten};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 
 /// Writer threads when the caller does not say: one per core, at most 8.

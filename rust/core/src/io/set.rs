@@ -16,9 +16,11 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::commit::{check_layout, folder_of, fsync_folder, rename, write_temp, WriteOptions};
+use super::commit::{
+    check_layout, folder_of, fsync_folder, replace, reusable, write_temp, WriteOptions,
+};
 use super::temp::{sweep_stale_temps, temp_path_for};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::layout::Layout;
 use crate::tensor::Tensor;
 
@@ -29,17 +31,24 @@ pub struct SetFile<'a> {
     pub tensors: &'a [Tensor],
 }
 
+/// What [`write_set`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetWritten {
+    /// Each file's length, in order.
+    pub lens: Vec<u64>,
+    /// The file the first file replaced, kept (`WriteOptions::keep_replaced`).
+    pub kept: Option<PathBuf>,
+}
+
 /// Writes the files of a set and commits them, the last one last (see the module's
-/// documentation); returns each file's length, in order. `opts.reuse` and
-/// `opts.keep_replaced` are for single files and are refused here.
-pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<Vec<u64>> {
-    if opts.reuse.is_some() || opts.keep_replaced {
-        return Err(Error::invalid(
-            "reusing or keeping files is for single-file writes, not for sets",
-        ));
-    }
+/// documentation). `opts.reuse` and `opts.keep_replaced` apply to the first file (the
+/// large one of a backup); `opts.previous_suffix` to every file.
+pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<SetWritten> {
     let Some((record, members)) = files.split_last() else {
-        return Ok(Vec::new());
+        return Ok(SetWritten {
+            lens: Vec::new(),
+            kept: None,
+        });
     };
     let mut folders = Vec::with_capacity(files.len());
     for f in files {
@@ -50,15 +59,30 @@ pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<Vec<u64>>
     for dir in &distinct {
         sweep_stale_temps(dir);
     }
-    let temps: Vec<PathBuf> = files.iter().map(|f| temp_path_for(f.target)).collect();
+    let reused = opts.reuse.as_deref().filter(|p| reusable(p, &folders[0]));
+    let temps: Vec<PathBuf> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| match reused {
+            Some(p) if i == 0 => p.to_path_buf(),
+            _ => temp_path_for(f.target),
+        })
+        .collect();
     let remove_temps = |from: usize| {
         for temp in &temps[from..] {
             let _ = std::fs::remove_file(temp);
         }
     };
     let mut lens = Vec::with_capacity(files.len());
-    for (f, temp) in files.iter().zip(&temps) {
-        match write_temp(temp, f.target, f.layout, f.tensors, opts, false) {
+    for (i, (f, temp)) in files.iter().zip(&temps).enumerate() {
+        match write_temp(
+            temp,
+            f.target,
+            f.layout,
+            f.tensors,
+            opts,
+            i == 0 && reused.is_some(),
+        ) {
             Ok(len) => lens.push(len),
             Err(e) => {
                 remove_temps(0);
@@ -66,10 +90,15 @@ pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<Vec<u64>>
             }
         }
     }
+    let suffix = opts.previous_suffix.as_deref();
+    let mut kept = None;
     for (i, (f, temp)) in members.iter().zip(&temps).enumerate() {
-        if let Err(e) = rename(temp, f.target) {
-            remove_temps(i);
-            return Err(e);
+        match replace(temp, f.target, i == 0 && opts.keep_replaced, suffix) {
+            Ok(k) => kept = kept.or(k),
+            Err(e) => {
+                remove_temps(i);
+                return Err(e);
+            }
         }
     }
     let member_folders: BTreeSet<&PathBuf> = folders[..members.len()].iter().collect();
@@ -80,12 +109,20 @@ pub fn write_set(files: &[SetFile<'_>], opts: &WriteOptions) -> Result<Vec<u64>>
         }
     }
     let last = temps.len() - 1;
-    if let Err(e) = rename(&temps[last], record.target) {
-        remove_temps(last);
-        return Err(e);
+    match replace(
+        &temps[last],
+        record.target,
+        last == 0 && opts.keep_replaced,
+        suffix,
+    ) {
+        Ok(k) => kept = kept.or(k),
+        Err(e) => {
+            remove_temps(last);
+            return Err(e);
+        }
     }
     fsync_folder(&folders[last])?;
-    Ok(lens)
+    Ok(SetWritten { lens, kept })
 }
 
 #[cfg(test)]
@@ -122,7 +159,9 @@ mod tests {
                 tensors: &[],
             })
             .collect();
-        let lens = write_set(&files, &WriteOptions::with_threads(2)).unwrap();
+        let lens = write_set(&files, &WriteOptions::with_threads(2))
+            .unwrap()
+            .lens;
         assert_eq!(lens, vec![4, 2, 2]);
         assert_eq!(std::fs::read(&a).unwrap(), b"AAAA");
         assert_eq!(std::fs::read(&index).unwrap(), b"{}");
@@ -159,11 +198,54 @@ mod tests {
     }
 
     #[test]
-    fn reusing_files_is_refused_for_sets() {
-        let opts = WriteOptions {
-            keep_replaced: true,
-            ..WriteOptions::with_threads(1)
+    fn the_previous_versions_are_kept_under_the_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, meta) = (dir.path().join("w.bin"), dir.path().join("m.json"));
+        let write = |a: &[u8], b: &[u8]| {
+            let layouts = [bytes_file(a), bytes_file(b)];
+            let files: Vec<SetFile> = [&w, &meta]
+                .iter()
+                .zip(&layouts)
+                .map(|(t, l)| SetFile {
+                    target: t,
+                    layout: l,
+                    tensors: &[],
+                })
+                .collect();
+            let opts = WriteOptions {
+                previous_suffix: Some(".bkp".into()),
+                ..WriteOptions::with_threads(1)
+            };
+            write_set(&files, &opts).unwrap()
         };
-        assert!(write_set(&[], &opts).is_err());
+        write(b"w1", b"m1");
+        assert!(
+            !dir.path().join("w.bin.bkp").exists(),
+            "nothing to keep the first time"
+        );
+        write(b"w2", b"m2");
+        write(b"w3", b"m3");
+        assert_eq!(std::fs::read(&w).unwrap(), b"w3");
+        assert_eq!(std::fs::read(dir.path().join("w.bin.bkp")).unwrap(), b"w2");
+        assert_eq!(std::fs::read(dir.path().join("m.json.bkp")).unwrap(), b"m2");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            4,
+            "no temp left"
+        );
+        // The previous version restored as the current one (a second name of one file,
+        // as `BackupAndRestore` does after a damaged backup): the next write keeps it.
+        for (current, previous) in [(&w, "w.bin.bkp"), (&meta, "m.json.bkp")] {
+            std::fs::remove_file(current).unwrap();
+            std::fs::hard_link(dir.path().join(previous), current).unwrap();
+        }
+        write(b"w4", b"m4");
+        assert_eq!(std::fs::read(&w).unwrap(), b"w4");
+        assert_eq!(std::fs::read(dir.path().join("w.bin.bkp")).unwrap(), b"w2");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            4,
+            "no temp left"
+        );
     }
 }
