@@ -18,9 +18,15 @@ from fastckpt._walk import Entry
 def assign_all(entries: list[Entry], values: list[np.ndarray]) -> None:
     """Assigns `values[i]` to `entries[i].source` (a keras.Variable) for every i."""
     if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
         assign = _keras_private.tf_assign_variable_op()
         for entry, value in zip(entries, values, strict=True):
-            assign(entry.source.value.handle, value)
+            variable = entry.source.value
+            if isinstance(variable, tf.distribute.DistributedValues):
+                entry.source.assign(value)  # every replica, through the strategy
+            else:
+                assign(variable.handle, value)
         return
     for entry, value in zip(entries, values, strict=True):
         entry.source.assign(value)

@@ -237,6 +237,16 @@ def _host_view(tensor: Any) -> np.ndarray:
     return np.asarray(tensor.numpy())
 
 
+def _first_replica(variable: Any) -> Any:
+    """The variable itself, or under a `tf.distribute` strategy (`MirroredStrategy`) its
+    first replica's copy: replicas are kept equal on every update, and a save holds one."""
+    import tensorflow as tf
+
+    if isinstance(variable, tf.distribute.DistributedValues):
+        return variable.distribute_strategy.experimental_local_results(variable)[0]
+    return variable
+
+
 class _TensorFlowReader(Reader):
     """Reads every variable of a plan with TensorFlow's fast-path eager op: large ones as
     views of their buffers (TensorFlow copies a variable's buffer on write while a read of
@@ -246,7 +256,7 @@ class _TensorFlowReader(Reader):
 
     def __init__(self, plan: SavePlan) -> None:
         self._read_op = _keras_private.tf_read_variable_op()
-        tf_vars = [e.source.value for e in plan.entries]
+        tf_vars = [_first_replica(e.source.value) for e in plan.entries]
         self._handles = [(v.handle, v.dtype) for v in tf_vars]
         self._shapes = [tuple(v.shape) for v in tf_vars]
         self.dtypes = [

@@ -13,7 +13,7 @@ from typing import Any, Literal, overload
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, formats
+from fastckpt import _fastckpt, _keras_private, _processes, formats
 from fastckpt._errors import CheckpointContentError
 from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot, snapshotter_for
@@ -37,6 +37,34 @@ class SaveResult:
     paths: tuple[str, ...]
 
 
+class _WrittenElsewhere:
+    """The job of a save that another process writes (`_processes`): done at once, with
+    nothing written here."""
+
+    paths: tuple[str, ...] = ()
+    bytes = 0
+    seconds = 0.0
+    kept = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+    def done(self) -> bool:
+        return True
+
+    def begun(self) -> bool:
+        return True
+
+    def cancel(self) -> bool:
+        return False
+
+    def result(self) -> _WrittenElsewhere:
+        return self
+
+    def exception(self) -> BaseException | None:
+        return None
+
+
 class SaveJob:
     """A save running in the background; `fastckpt.save(..., background=True)` returns one.
 
@@ -46,7 +74,11 @@ class SaveJob:
     """
 
     def __init__(
-        self, job: _fastckpt.Job, path: str, started: float, handed_off: float | None = None
+        self,
+        job: _fastckpt.Job | _WrittenElsewhere,
+        path: str,
+        started: float,
+        handed_off: float | None = None,
     ) -> None:
         self._job = job
         self.path = path
@@ -201,7 +233,18 @@ def save(
         format=format,
         max_shard_size=max_shard_size,
     )
-    return job if background else job.result()
+    if background:
+        return job
+    if _processes.count() == 1:
+        return job.result()
+    # Every process returns once process 0's files are durable, or raises if they are not.
+    error = None
+    try:
+        result = job.result()
+    except BaseException as e:
+        error = e
+    _processes.settle(f"fastckpt.save({job.path!r})", error)
+    return result
 
 
 def save_async(
@@ -263,8 +306,12 @@ def start_save(
     """
     started = time.perf_counter()
     fmt = formats.format_for(path) if format is None else formats.by_name(format)
-    path = formats.check_target(path, overwrite)
     plan = plan_for(model, include_optimizer)
+    _processes.check_whole_on_writer(plan.entries)
+    writer = _processes.is_writer()
+    # Process 0 writes the checkpoint for every process (see `_processes`); the others
+    # still plan it, since Keras's traversal makes collective calls on every process.
+    path = formats.check_target(path, overwrite) if writer else os.fspath(path)
     if not background:
         # A synchronous write runs at once: what it must follow ends first (its errors
         # stay with its owner).
@@ -286,13 +333,17 @@ def start_save(
         options = _fastckpt.WriteOptions(
             threads=threads,
             background=background,
-            queue_after=[j._job for j in queue_after],
+            # (On process 0 every job is a write of its own.)
+            queue_after=[j._job for j in queue_after if isinstance(j._job, _fastckpt.Job)],
             reuse=reuse,
             keep_replaced=keep_replaced,
             direct_io=direct_io_allowed(),
             previous_suffix=previous_suffix,
         )
         files = fmt.plan(request) + [_fastckpt.plan_bytes(p, data) for p, data in companions]
+        if not writer:
+            snap.release()
+            return SaveJob(_WrittenElsewhere(), path, started)
         job = _fastckpt.write(files, options=options)
     except BaseException:
         snap.release()
@@ -324,6 +375,8 @@ def prepare(
     (`start_save(reuse=...)`, once the job has succeeded). The buffers of several `owner`s
     (the callbacks of one `fit`) add up."""
     plan = plan_for(model, include_optimizer)
+    if not _processes.is_writer():
+        return Prepared([], None)  # process 0 writes: nothing to ready here
     arenas = snapshotter_for(plan).prepare(buffers, owner)
     spare = None
     folder = os.path.dirname(os.path.abspath(spare_for)) if spare_for else None

@@ -44,7 +44,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, _training_state, api, formats
+from fastckpt import _fastckpt, _keras_private, _processes, _training_state, api, formats
 from fastckpt import callbacks as _callbacks
 from fastckpt._errors import CheckpointContentError
 
@@ -149,13 +149,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
+        previous = f"{self._weights_path}{PREVIOUS_SUFFIX}"
+        previous_metadata = f"{self._training_metadata_path}{PREVIOUS_SUFFIX}"
         try:
             self._restore(self._weights_path, self._training_metadata_path)
+            fell_back = False
         except (OSError, CheckpointContentError) as e:
-            # As Keras: an unreadable latest backup gives way to the previous one, which
-            # takes its place (so that the next backup does not keep the bad one as
-            # previous).
-            previous = f"{self._weights_path}{PREVIOUS_SUFFIX}"
+            # As Keras: an unreadable latest backup gives way to the previous one.
             if not os.path.exists(previous):
                 raise
             warnings.warn(
@@ -163,13 +163,18 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"resuming from the previous backup, {previous}",
                 stacklevel=2,
             )
+            self._restore(previous, previous_metadata)
+            fell_back = True
+        # Every process has read the backup before process 0 changes the folder.
+        _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) restored")
+        if fell_back and _processes.is_writer():
+            # The previous backup takes the latest's place, so that the next backup does
+            # not keep the bad one as previous.
             _replace_with_copy(previous, self._weights_path)
-            metadata = f"{self._training_metadata_path}{PREVIOUS_SUFFIX}"
-            if os.path.exists(metadata):
-                _replace_with_copy(metadata, self._training_metadata_path)
+            if os.path.exists(previous_metadata):
+                _replace_with_copy(previous_metadata, self._training_metadata_path)
             elif os.path.exists(self._training_metadata_path):
                 os.remove(self._training_metadata_path)
-            self._restore(self._weights_path, self._training_metadata_path)
         if self.save_on_background:
             folder_exists = os.path.isdir(self.backup_dir)
             prepared = api.prepare(
@@ -303,19 +308,23 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._due = True
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        error = None
         try:
             if self.delete_checkpoint:
                 self._cancel_unbegun()  # a backup about to be deleted
                 self._wait()
-                if os.path.exists(self.backup_dir):
+                if _processes.is_writer() and os.path.exists(self.backup_dir):
                     shutil.rmtree(self.backup_dir)
-                return
-            if self._due:
-                self._backup(final=True)
-            self._wait()
+            else:
+                if self._due:
+                    self._backup(final=True)
+                self._wait()
+        except BaseException as e:
+            error = e
         finally:
             self._restore_signal_handlers()
             self._drop_kept()
+        _processes.settle(f"fastckpt.BackupAndRestore({self.backup_dir!r})", error)
 
     def _should_save_on_batch(self, batch: int) -> bool:
         """Keras's count of batches (`save_freq` an integer), with `steps_per_execution`."""

@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, _training_state, api, formats
+from fastckpt import _fastckpt, _keras_private, _processes, _training_state, api, formats
 from fastckpt._keras_private import MonitorCallbackBase, print_msg
 
 # How long one wait for a background save may block before Python gets to run signal
@@ -285,10 +285,15 @@ class ModelCheckpoint(MonitorCallbackBase):
                 self._save_model(epoch=epoch, batch=None, logs=logs)
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        error = None
         try:
             self.wait_until_finished()
+        except BaseException as e:
+            error = e
         finally:
             self._drop_spares()
+        # When `fit` returns, on any process, process 0's checkpoints are durable.
+        _processes.settle(f"fastckpt.ModelCheckpoint({self.filepath!r})", error)
 
     def _drop_spares(self) -> None:
         """Removes the kept files: off the training thread, since freeing a large file
@@ -392,6 +397,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 # second batch-level save of epoch 1; resolve it when first needed.
                 self._set_monitor_op()
             best_str = "None" if self.best is None else f"{self.best:.5f}"
+            current = _processes.agree(current)  # one decision for every process
             if self._is_improvement(current, self.best):
                 self.best = current
                 return True, (
@@ -417,7 +423,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         try:
             # Create host directory if it doesn't exist.
             dirname = os.path.dirname(filepath)
-            if dirname and not _keras_private.file_exists(dirname):
+            if dirname and _processes.is_writer() and not _keras_private.file_exists(dirname):
                 _keras_private.makedirs(dirname)
             job = api.start_save(
                 self.model,
@@ -534,7 +540,8 @@ class ModelCheckpoint(MonitorCallbackBase):
                 if pending.reuse is not None:
                     _remove_files([pending.reuse])
                 raise
-            if self.verbose > 0 and _keras_private.PRINTS_FINISHED_SAVING:
+            written_here = _processes.is_writer()
+            if self.verbose > 0 and _keras_private.PRINTS_FINISHED_SAVING and written_here:
                 print_msg(
                     f"\nEpoch {pending.epoch + 1}: finished saving model to "
                     f"{pending.filepath} ({_size_text(result.bytes)} in "
@@ -570,6 +577,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         self._written = self._written[-self.max_to_keep :]
         kept = {p for _, paths in self._written for p in paths}
         doomed = [p for _, paths in dropped for p in paths if p not in kept]
+        if not _processes.is_writer():
+            return  # every process tracks the files; the one that wrote them deletes them
         if self._retention is None:
             self._retention = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="fastckpt-retention"
