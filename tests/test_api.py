@@ -7,6 +7,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+import safetensors.numpy
 from safetensors import safe_open
 
 import fastckpt
@@ -249,3 +250,20 @@ def test_snapshot_buffers_are_never_shared_by_two_saves_in_flight(tmp_path):
     with pytest.raises(ValueError, match="needs `max_shard_size`"):
         fastckpt.save(model, tmp_path / "x.weights.json", include_optimizer=False)
     assert len(snapper._arenas) == 2 and all(a.free() for a in snapper._arenas)
+
+
+@pytest.mark.parametrize("shape", [(), (0, 3), (7,), (1024, 1024)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int64", "bool"])
+def test_tensors_read_start_on_the_boundary_at_which_assigns_adopt_them(tmp_path, shape, dtype):
+    # TensorFlow and XLA take an assigned NumPy array's memory when it is 64-byte aligned,
+    # and copy it otherwise.
+    from fastckpt import formats
+    from fastckpt.formats._reading import numpy_dtype
+
+    value = np.arange(int(np.prod(shape)), dtype=np.int64).astype(numpy_dtype(dtype)).reshape(shape)
+    path = tmp_path / "t.safetensors"
+    safetensors.numpy.save_file({"t": value}, str(path))
+    (read,) = formats.open_checkpoint(str(path)).read(["t"]).values()
+    assert read.ctypes.data % 64 == 0
+    assert read.dtype == value.dtype and read.shape == shape
+    np.testing.assert_array_equal(read, value)

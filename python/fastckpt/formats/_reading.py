@@ -27,6 +27,20 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+# The alignment at which TensorFlow (and XLA on CPU) adopt a NumPy array's memory instead
+# of copying it: an assign from such an array takes the buffer (NumPy's own large arrays
+# come from malloc, 16 bytes past a page boundary, and get copied).
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`np.empty(shape, dtype)` whose data starts on an `ALIGNMENT`-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's payload is: `offset` -1 when only a format's own reader can read
@@ -71,7 +85,7 @@ class Checkpoint:
                 with content_errors(self.path):
                     out[name] = self.fallback(name)
                 continue
-            arr = np.empty(info.shape, dtype=numpy_dtype(info.dtype))
+            arr = aligned_empty(tuple(info.shape), numpy_dtype(info.dtype))
             out[name] = arr
             by_file.setdefault(info.file or self.path, []).append((name, arr))
         for path, pairs in by_file.items():
