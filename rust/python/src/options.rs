@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::job::{PyJob, When};
+use crate::sources::PyProgress;
 
 /// `threads` as given, or the default; at least 1.
 pub fn thread_count(threads: Option<usize>, default: usize) -> PyResult<usize> {
@@ -33,12 +34,15 @@ pub struct PyWriteOptions {
     keep_replaced: bool,
     #[pyo3(get)]
     direct_io: bool,
+    #[pyo3(get)]
+    progress: Option<Py<PyProgress>>,
 }
 
 #[pymethods]
 impl PyWriteOptions {
     #[new]
-    #[pyo3(signature = (*, threads=None, background=false, queue_after=None, reuse=None, keep_replaced=false, direct_io=true))]
+    #[pyo3(signature = (*, threads=None, background=false, queue_after=None, reuse=None, keep_replaced=false, direct_io=true, progress=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         threads: Option<usize>,
         background: bool,
@@ -46,6 +50,7 @@ impl PyWriteOptions {
         reuse: Option<PathBuf>,
         keep_replaced: bool,
         direct_io: bool,
+        progress: Option<Py<PyProgress>>,
     ) -> PyResult<Self> {
         thread_count(threads, 1)?;
         if queue_after.is_some() && !background {
@@ -60,6 +65,7 @@ impl PyWriteOptions {
             reuse,
             keep_replaced,
             direct_io,
+            progress,
         })
     }
 }
@@ -78,6 +84,9 @@ impl PyWriteOptions {
         opts.direct_io = self.direct_io;
         opts.reuse = self.reuse.clone();
         opts.keep_replaced = self.keep_replaced;
+        if let Some(p) = &self.progress {
+            opts.progress = p.get().inner.clone();
+        }
         opts
     }
 
@@ -100,6 +109,7 @@ impl PyWriteOptions {
             reuse: None,
             keep_replaced: false,
             direct_io: true,
+            progress: None,
         }
     }
 }
