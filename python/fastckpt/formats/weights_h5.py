@@ -13,11 +13,20 @@ import numpy as np
 
 from fastckpt import _fastckpt
 from fastckpt.formats import SaveRequest
-from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_fallback, h5_tensors
-from fastckpt.formats._reading import Checkpoint
+from fastckpt.formats._hdf5 import (
+    attr,
+    check_global_heaps,
+    content_nodes,
+    dataset_attrs,
+    group_attrs,
+    h5_fallback,
+    h5_tensors,
+)
+from fastckpt.formats._reading import Checkpoint, Groups
 
 if TYPE_CHECKING:
     from fastckpt._walk import SavePlan
+    from fastckpt.formats import Contents
 
 
 def nodes(plan: SavePlan, arrays: Sequence[np.ndarray]) -> list[_fastckpt.Node]:
@@ -50,3 +59,15 @@ def open(path: str) -> Checkpoint:
     with h5py.File(path, "r") as f:
         found = h5_tensors(f, 0, os.path.getsize(path), path)
     return Checkpoint(path, found, {}, None, h5_fallback(lambda stack: path))
+
+
+def plan_contents(contents: Contents) -> list[_fastckpt.PlannedFile]:
+    names = [name for name, _ in contents.tensors]
+    nodes = content_nodes(contents.groups, names, contents.dtypes)
+    return [_fastckpt.plan_hdf5(contents.path, contents.tensors, nodes)]
+
+
+def extras(path: str) -> Groups:
+    check_global_heaps(path)
+    with h5py.File(path, "r") as f:
+        return Groups(group_attrs(f))
