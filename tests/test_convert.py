@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 import fastckpt
 from conftest import assert_same_state
 from fastckpt import CheckpointContentError, CheckpointNotFoundError, _walk
+from fastckpt._progress import size_text
 
 SUFFIXES = [".weights.h5", ".weights.json", ".keras", ".h5", ".safetensors", ".zst.safetensors"]
 # Shards of about 20 kB: the test model's files are split over several.
@@ -202,15 +203,22 @@ def test_a_missing_source_is_not_found(tmp_path):
         fastckpt.convert(tmp_path / "none.weights.h5", tmp_path / "x.safetensors")
 
 
-def test_a_damaged_source_is_refused_and_nothing_is_left(tmp_path, model):
-    source = tmp_path / "m.safetensors"
+@pytest.mark.parametrize(
+    ("suffix", "words"),
+    [
+        (".safetensors", "checksum mismatch"),  # found by the check after the copy
+        (".zst.safetensors", "zstd frame at offset"),  # found by the decoder as it copies
+    ],
+)
+def test_a_damaged_source_is_refused_and_nothing_is_left(tmp_path, model, suffix, words):
+    source = tmp_path / f"m{suffix}"
     fastckpt.save(model, source)
     data = bytearray(source.read_bytes())
-    data[-5] ^= 0xFF
+    data[-3] ^= 0xFF  # the last tensor's payload, or its frame's checksum
     source.write_bytes(bytes(data))
-    with pytest.raises(CheckpointContentError, match="checksum mismatch"):
+    with pytest.raises(CheckpointContentError, match=words):
         fastckpt.convert(source, tmp_path / "out.weights.h5")
-    assert not (tmp_path / "out.weights.h5").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
 def test_the_source_is_never_the_destination(tmp_path, model):
@@ -466,4 +474,4 @@ def test_progress_is_quiet_by_default_and_reports_when_verbose(tmp_path, model, 
     for verb in ("saving", "loading", "converting"):
         (line,) = [x for x in lines if x.startswith(verb) and ": done," in x]
         assert "/s)" in line, line
-    assert any(f"{nbytes / 1024:.3g} KiB in" in x for x in lines if x.startswith("saving"))
+    assert any(f"{size_text(nbytes)} in" in x for x in lines if x.startswith("saving"))

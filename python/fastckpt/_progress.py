@@ -20,10 +20,12 @@ _BAR_WIDTH = 24
 
 
 def size_text(nbytes: float) -> str:
-    """`1.02 GiB`, `512 B`: binary units, three significant digits."""
+    """`1.02 GiB`, `512 B`, `1020 MiB`: binary units, three significant digits (or the
+    whole number, from 100 up)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.3g} {unit}"
+            digits = ".0f" if unit == "B" or nbytes >= 100 else ".3g"
+            return f"{nbytes:{digits}} {unit}"
         nbytes /= 1024
     raise AssertionError("unreachable")
 
