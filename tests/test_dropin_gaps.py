@@ -52,6 +52,17 @@ def test_an_unbuilt_model_is_saved_with_its_config_as_keras_saves_it(tmp_path, s
         assert back.built and len(back.weights) == 4
 
 
+def test_an_unbuilt_model_is_saved_in_the_legacy_layout_as_keras_saves_it(tmp_path):
+    model = unbuilt_model()
+    theirs, ours = tmp_path / "keras.h5", tmp_path / "ours.h5"
+    model.save(theirs)
+    with pytest.warns(UserWarning, match=UNBUILT):
+        fastckpt.save(model, ours)
+    for path in (theirs, ours):
+        back = keras.saving.load_model(path, compile=False)
+        assert not back.built and [type(x) for x in back.layers] == [keras.layers.Dense] * 2
+
+
 def test_an_unbuilt_model_without_compile_comes_back_uncompiled(tmp_path):
     model = keras.Sequential([keras.layers.Dense(3)])
     path = tmp_path / "m.keras"

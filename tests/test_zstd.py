@@ -139,6 +139,24 @@ def test_a_frame_longer_than_its_content_size_says_is_refused(tmp_path, trained_
     assert not verify(path).ok
 
 
+def test_a_header_declaring_more_than_its_frame_can_hold_is_refused_before_reading(
+    tmp_path, trained_model
+):
+    # A decompression bomb: a few stored bytes said to decode to a terabyte.
+    path = tmp_path / "m.zst.safetensors"
+    fastckpt.save(trained_model, path, include_optimizer=False)
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    header["layers/dense/vars/0"]["decoded"] = {"dtype": "F32", "shape": [2**38]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    with pytest.raises(CheckpointContentError, match="more than a .*zstd frame can hold"):
+        fastckpt.load(small_model(1), path)
+    assert not verify(path).ok
+
+
 def test_verify_checks_every_frame(tmp_path, trained_model):
     path = tmp_path / "m.zst.safetensors"
     fastckpt.save(trained_model, path)
