@@ -152,7 +152,7 @@ def test_a_header_declaring_more_than_its_frame_can_hold_is_refused_before_readi
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
-    with pytest.raises(CheckpointContentError, match="more than a .*zstd frame can hold"):
+    with pytest.raises(CheckpointContentError, match=r"more than a .*zstd frame can hold"):
         fastckpt.load(small_model(1), path)
     assert not verify(path).ok
 
