@@ -77,7 +77,8 @@ def convert(
     Args:
         source: a checkpoint in any format fastckpt reads, Keras's own files included.
         destination: the file to write; its suffix picks the format.
-        max_shard_size: for a `.weights.json` destination, the largest shard in GB.
+        max_shard_size: the largest shard in GB, required for a `.weights.json`
+            destination (the command line's default is 5).
         compression: `"zstd"` for the zstd container (implied by `.zst.safetensors`).
         threads: reader and writer threads (default: one per core, at most 8).
         verify: check the written file against the source (see the module's notes).
@@ -300,13 +301,14 @@ def _rebuilt(src: str, threads: int | None) -> Any:
     except (ValueError, TypeError) as e:
         if isinstance(e, CheckpointContentError):
             raise
+        model = api.load_model(src, compile=False, threads=threads)  # or not compile's fault
         warnings.warn(
             f"Keras's loader cannot compile {src} ({e}): its model is converted without the "
             "optimizer state",
             UserWarning,
             stacklevel=4,
         )
-        return api.load_model(src, compile=False, threads=threads)
+        return model
 
 
 def _contiguous(value: Any) -> Any:
