@@ -198,3 +198,20 @@ def test_model_checkpoint_writes_the_container(tmp_path, filepath, compression):
 def test_model_checkpoint_refuses_compression_it_cannot_write(tmp_path):
     with pytest.raises(ValueError, match=r"Received: path="):
         fastckpt.ModelCheckpoint(str(tmp_path / "m.keras"), compression="zstd")
+
+
+@pytest.mark.parametrize("stage", ["write", "fsync", "rename"])
+def test_a_failed_save_keeps_the_previous_container(tmp_path, mixed, fault_injection, stage):
+    from fastckpt import _fastckpt
+
+    path = tmp_path / "m.zst.safetensors"
+    first = small_model()
+    fastckpt.save(first, path)
+    before = path.read_bytes()
+    _fastckpt.testing.inject_fault(stage)
+    with pytest.raises(OSError) as info:
+        fastckpt.save(mixed, path)  # its large tensor takes the every-thread path
+    _fastckpt.testing.inject_fault(None)
+    assert info.value.filename == str(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file is left"
