@@ -383,6 +383,12 @@ def test_cli_inspect_and_verify_a_container(sources):
     assert run_cli("verify", sources[".zst.safetensors"]).returncode == 0
 
 
+def test_cli_inspect_says_why_it_cannot(tmp_path):
+    run = run_cli("inspect", str(tmp_path / "none.zst.safetensors"), keras_importable=False)
+    assert run.returncode == 2
+    assert "none.zst.safetensors: cannot inspect" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_cli_draws_a_bar_on_a_terminal(tmp_path, sources):
     parent, child = pty.openpty()
     destination = str(tmp_path / "x.weights.h5")

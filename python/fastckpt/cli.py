@@ -160,7 +160,8 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "inspect",
         help="list a checkpoint's tensors: name, dtype, shape, bytes",
         description="Lists the tensors of a .safetensors, .zst.safetensors, .weights.h5, "
-        ".weights.json, .keras or legacy .h5 checkpoint without loading a model.",
+        ".weights.json, .keras or legacy .h5 checkpoint without loading a model. Exit "
+        "status: 0 listed, 2 the file cannot be read as a checkpoint.",
     )
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -170,7 +171,11 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fastckpt.inspection import describe
 
-    info = describe(args.path)
+    try:
+        info = describe(args.path)
+    except (OSError, ValueError) as e:  # missing, unreadable, damaged, not a checkpoint
+        print(f"{args.path}: cannot inspect: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
