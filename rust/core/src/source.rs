@@ -115,7 +115,20 @@ impl ZstdFrame {
     }
 
     fn decode(&self) -> io::Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(self.len as usize);
+        // The size comes from the source's header: an allocation it cannot get is an
+        // error, not an abort.
+        let mut out = Vec::new();
+        out.try_reserve_exact(self.len as usize).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!(
+                    "{}: no memory for the {} bytes the zstd frame at offset {} decodes to",
+                    self.file.path.display(),
+                    self.len,
+                    self.offset
+                ),
+            )
+        })?;
         zstd_decode::stream_frame(&self.file.file, self.offset, self.stored, self.len, |b| {
             out.extend_from_slice(b);
             Ok(())
@@ -153,5 +166,48 @@ impl Payload for ZstdFrame {
             *state = Decoded::default();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::zstd::compress_frame;
+
+    fn source_with(bytes: &[u8]) -> (tempfile::TempDir, Arc<SourceFile>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        std::fs::write(&path, bytes).unwrap();
+        let file = SourceFile::open(&path).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn ranges_and_frames_serve_their_bytes_in_pieces() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 13) as u8).collect();
+        let frame = compress_frame(&data, 3).unwrap();
+        let mut bytes = data.clone();
+        bytes.extend_from_slice(&frame);
+        let (_dir, file) = source_with(&bytes);
+        let range = FileRange::new(file.clone(), 0, data.len() as u64).unwrap();
+        let zst =
+            ZstdFrame::new(file.clone(), data.len() as u64, frame.len() as u64, 100_000).unwrap();
+        for payload in [&range as &dyn Payload, &zst] {
+            let mut got = vec![0u8; data.len()];
+            for (i, piece) in got.chunks_mut(30_000).enumerate() {
+                payload.read_at(i as u64 * 30_000, piece).unwrap();
+            }
+            assert_eq!(got, data);
+        }
+        assert!(FileRange::new(file, 1, bytes.len() as u64).is_err());
+    }
+
+    #[test]
+    fn a_frame_said_to_decode_to_more_than_memory_holds_is_an_error() {
+        let frame = compress_frame(&[1, 2, 3], 3).unwrap();
+        let (_dir, file) = source_with(&frame);
+        let huge = ZstdFrame::new(file, 0, frame.len() as u64, 1 << 62).unwrap();
+        let err = huge.read_at(0, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::OutOfMemory);
     }
 }
