@@ -215,3 +215,13 @@ def test_a_failed_save_keeps_the_previous_container(tmp_path, mixed, fault_injec
     assert info.value.filename == str(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temp file is left"
+
+
+def test_a_background_save_writes_the_container_too(tmp_path, trained_model):
+    path = tmp_path / "m.safetensors"
+    job = fastckpt.save_async(trained_model, path, compression="zstd")
+    assert job.result().path == str(path)
+    assert header_of(path)["__metadata__"]["fastckpt.codec"] == "zstd"
+    back = small_model(seed=1)
+    fastckpt.load(back, path)
+    assert_same_state(trained_model, back)
