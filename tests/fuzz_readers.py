@@ -1,6 +1,7 @@
 """Fuzzing harness for the Python-facing readers (`fastckpt.formats`): `keras_zip` (zip), the
-h5py-backed `weights_h5` / `legacy_h5`, and `safetensors` (the native header parser seen
-from Python), all through `fastckpt.verify`, which opens a file and reads every tensor.
+h5py-backed `weights_h5` / `legacy_h5`, `safetensors` (the native header parser seen
+from Python) and the zstd container (its header and the native frame decoder), all
+through `fastckpt.verify`, which opens a file and reads every tensor.
 
 The contract under test: for any bytes, `verify` returns a report (damaged files are
 `ok=False`), never raises, crashes or blows up memory. `one_input` raises `Finding` when the

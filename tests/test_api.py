@@ -195,7 +195,11 @@ def test_a_model_with_thousands_of_variables(tmp_path):
 @pytest.mark.parametrize(
     ("target", "error", "words"),
     [
-        ("model.ckpt", ValueError, "must end in one of .weights.h5, .weights.json, .safetensors"),
+        (
+            "model.ckpt",
+            ValueError,
+            "must end in one of .weights.h5, .weights.json, .zst.safetensors, .safetensors",
+        ),
         ("gs://bucket/m.safetensors", ValueError, "local files only"),
     ],
 )

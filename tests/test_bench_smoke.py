@@ -149,3 +149,22 @@ def test_inspect_reads_keras_files(tmp_path, capsys):
         assert main(["inspect", "--json", str(tmp_path / name)]) == 0
         info = json.loads(capsys.readouterr().out)
         assert any(t["name"] == "layers/dense/vars/0" for t in info["tensors"])
+
+
+def test_zstd_benchmark_reports_each_kind_of_state(tmp_path):
+    script = os.path.join(os.path.dirname(PYTHON_DIR), "benches", "zstd_compression.py")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PYTHON_DIR, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(
+        [sys.executable, script, "--mib", "4", "--repeats", "1", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line}
+    for kind in ("float32", "bfloat16", "optimizer"):
+        ratio = rows[kind][5]
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0, rows[kind]
+    assert not list(tmp_path.iterdir()), "the benchmark leaves no files"

@@ -318,6 +318,7 @@ def test_signature_is_keras_plus_keyword_only_extras():
         "threads",
         "period",
         "options",
+        "compression",
     ]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
 

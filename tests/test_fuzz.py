@@ -33,7 +33,7 @@ def seeds(tmp_path_factory):
     folder = tmp_path_factory.mktemp("seeds")
     model = tiny_model()
     out: dict[str, list[str]] = {}
-    for suffix in (".safetensors", ".weights.h5", ".keras", ".h5"):
+    for suffix in (".safetensors", ".zst.safetensors", ".weights.h5", ".keras", ".h5"):
         ours = folder / f"ours{suffix}"
         fastckpt.save(model, ours)
         out[suffix] = [str(ours)]
@@ -46,7 +46,9 @@ def seeds(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".weights.h5", ".keras", ".h5"])
+@pytest.mark.parametrize(
+    "suffix", [".safetensors", ".zst.safetensors", ".weights.h5", ".keras", ".h5"]
+)
 def test_fuzz_readers(forkserver, seeds, tmp_path, suffix):
     work = str(tmp_path / f"input{suffix}")
     child = forkserver.start(

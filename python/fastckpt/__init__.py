@@ -1,7 +1,8 @@
 """fastckpt: durable, fast, background checkpoints for Keras.
 
 `fastckpt.ModelCheckpoint` is a drop-in for `keras.callbacks.ModelCheckpoint` that saves in
-the background; `save`, `load` and `load_model` are the same engine as a plain API.
+the background; `save`, `load` and `load_model` are the same engine as a plain API, and
+`convert` copies a checkpoint into another format.
 
 Importing fastckpt imports neither Keras nor TensorFlow: the names below that need them
 import them when first used (`fastckpt inspect` and `verify` run without Keras).
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from fastckpt._errors import CheckpointContentError, CheckpointError
+from fastckpt._errors import CheckpointContentError, CheckpointError, CheckpointNotFoundError
 
 __version__ = "0.1.0"
 
@@ -20,9 +21,12 @@ __all__ = [
     "BackupAndRestore",
     "CheckpointContentError",
     "CheckpointError",
+    "CheckpointNotFoundError",
+    "ConvertResult",
     "ModelCheckpoint",
     "SaveJob",
     "SaveResult",
+    "convert",
     "latest",
     "load",
     "load_model",
@@ -33,6 +37,8 @@ __all__ = [
 # Public name -> the module that defines it; imported on first use.
 _LAZY = {
     "BackupAndRestore": "fastckpt.backup",
+    "ConvertResult": "fastckpt.conversion",
+    "convert": "fastckpt.conversion",
     "ModelCheckpoint": "fastckpt.callbacks",
     "latest": "fastckpt.api",
     "SaveJob": "fastckpt.api",
@@ -47,6 +53,7 @@ if TYPE_CHECKING:
     from fastckpt.api import SaveJob, SaveResult, latest, load, load_model, save, save_async
     from fastckpt.backup import BackupAndRestore
     from fastckpt.callbacks import ModelCheckpoint
+    from fastckpt.conversion import ConvertResult, convert
 
 
 def __getattr__(name: str) -> Any:

@@ -17,26 +17,36 @@ __all__ = [
     "DEFAULT_BACKGROUND_THREADS",
     "DEFAULT_THREADS",
     "DTYPES",
+    "ZSTD_DEFAULT_LEVEL",
     "Attr",
     "HeaderTensor",
     "Job",
     "Node",
     "PlannedFile",
+    "Progress",
+    "SourceFile",
+    "SourceTensor",
     "WriteOptions",
     "WriteReport",
     "copy_into",
     "crc32_of_range",
+    "crc32c",
+    "crc32c_of_frames",
+    "crc32c_of_ranges",
     "is_temp_name",
     "plan_bytes",
     "plan_hdf5",
     "plan_keras",
     "plan_safetensors",
+    "plan_zstd",
     "prefault",
     "read_into",
+    "read_zstd_into",
     "reserve_spare",
     "safetensors_header",
     "sweep_stale_temps",
     "write",
+    "zstd_header",
 ]
 
 #: Writer threads of a write that somebody waits for: one per core, at most 8.
@@ -45,9 +55,48 @@ DEFAULT_THREADS: int
 DEFAULT_BACKGROUND_THREADS: int
 #: The dtypes a checkpoint can hold, by numpy name, with their sizes in bytes.
 DTYPES: dict[str, int]
+#: The zstd level `plan_zstd` compresses at unless told.
+ZSTD_DEFAULT_LEVEL: int
 
 _Path = str | os.PathLike[str]
-_Tensors = Sequence[tuple[str, np.ndarray]]
+_Tensors = Sequence[tuple[str, np.ndarray | SourceTensor]]
+
+@final
+class Progress:
+    """A count of bytes done, read while a write or a read runs (for progress reports)."""
+
+    def __new__(cls) -> Progress: ...
+    @property
+    def bytes(self) -> int:
+        """Bytes done so far."""
+    def add(self, n: int) -> None:
+        """Counts `n` more bytes done (work done in Python)."""
+
+@final
+class SourceFile:
+    """A checkpoint file that tensors are copied from, opened once for all of them."""
+
+    def __new__(cls, path: _Path) -> SourceFile: ...
+    @property
+    def path(self) -> Path: ...
+    def tensor(
+        self, dtype: str, shape: Sequence[int], offset: int, *, stored: int | None = None
+    ) -> SourceTensor:
+        """The tensor stored at `offset`: as it is, or with `stored` as one zstd frame of
+        that many bytes."""
+
+@final
+class SourceTensor:
+    """A tensor of a source file, read piece by piece as the file it is planned into is
+    written; plan functions take it wherever they take an array."""
+
+    @property
+    def dtype(self) -> str:
+        """The numpy name of its dtype."""
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def nbytes(self) -> int: ...
 
 @final
 class WriteReport:
@@ -100,6 +149,7 @@ class WriteOptions:
         keep_replaced: bool = False,
         direct_io: bool = True,
         previous_suffix: str | None = None,
+        progress: Progress | None = None,
     ) -> WriteOptions: ...
     @property
     def threads(self) -> int | None:
@@ -123,6 +173,9 @@ class WriteOptions:
     @property
     def previous_suffix(self) -> str | None:
         """Keep the version each file replaces as `<path><suffix>`, swapped in with it."""
+    @property
+    def progress(self) -> Progress | None:
+        """Counts the payload bytes written."""
 
 @final
 class PlannedFile:
@@ -133,7 +186,7 @@ class PlannedFile:
         """Where it will be written."""
     @property
     def length(self) -> int:
-        """Its length in bytes."""
+        """Its length in bytes (for a compressed container, the most it can take)."""
 
 @disjoint_base
 class Attr:
@@ -225,10 +278,20 @@ class HeaderTensor:
     def nbytes(self) -> int: ...
     @property
     def crc32c(self) -> int | None:
-        """The CRC-32C fastckpt recorded, if the file has one."""
+        """The CRC-32C fastckpt recorded, if the file has one (in a zstd container, of
+        the decoded bytes)."""
+    @property
+    def stored(self) -> int | None:
+        """In a zstd container: the length of its frame at `offset`."""
 
 def plan_safetensors(path: _Path, tensors: _Tensors, metadata: dict[str, str]) -> PlannedFile:
     """Plans a SafeTensors file (fastckpt adds a CRC-32C per tensor to the metadata)."""
+
+def plan_zstd(
+    path: _Path, tensors: _Tensors, metadata: dict[str, str], *, level: int = ...
+) -> PlannedFile:
+    """Plans a zstd container: each tensor one zstd frame, compressed in parallel as the
+    file is written."""
 
 def plan_hdf5(path: _Path, tensors: _Tensors, nodes: Sequence[Node]) -> PlannedFile:
     """Plans an HDF5 file from a tree of groups and datasets."""
@@ -257,14 +320,51 @@ def read_into(
     *,
     threads: int | None = None,
     crc32c: bool = False,
+    progress: Progress | None = None,
 ) -> list[int] | None:
     """Reads `(offset, array)` items in parallel; their CRC-32C values with `crc32c`."""
+
+def read_zstd_into(
+    path: _Path,
+    items: Sequence[tuple[int, int, np.ndarray]],
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[int]:
+    """Decodes `(offset, stored, array)` zstd frames in parallel into the arrays; returns
+    the CRC-32C of each."""
+
+def crc32c(array: np.ndarray) -> int:
+    """The CRC-32C of an array's bytes."""
+
+def crc32c_of_frames(
+    path: _Path,
+    frames: Sequence[tuple[int, int, int]],
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[int]:
+    """The CRC-32C of what each `(offset, stored, length)` zstd frame decodes to, each
+    frame streamed through the decoder and checked (bounded memory)."""
+
+def crc32c_of_ranges(
+    path: _Path,
+    ranges: Sequence[tuple[int, int]],
+    *,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[int]:
+    """The CRC-32C of each `(offset, length)` range, read in parallel in bounded memory."""
 
 def crc32_of_range(path: _Path, offset: int, length: int, *, threads: int | None = None) -> int:
     """The CRC-32 (zip's) of `length` bytes at `offset`, read in parallel."""
 
 def safetensors_header(path: _Path) -> tuple[dict[str, str], list[HeaderTensor]]:
     """A SafeTensors file's metadata and tensors, validated, in payload order."""
+
+def zstd_header(path: _Path) -> tuple[dict[str, str], list[HeaderTensor]]:
+    """A zstd container's metadata and tensors (each with its frame's offset and length and
+    its decoded dtype, shape and size), validated, in payload order."""
 
 def copy_into(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, threads: int | None = None

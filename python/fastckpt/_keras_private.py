@@ -19,6 +19,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -159,6 +160,21 @@ def _bound(fn: Callable[..., Any], obj: Any) -> Any:
     return types.MethodType(fn, obj)
 
 
+# Keras's warnings and errors for a model with no weights yet (`saving_lib.save_model`,
+# `saving_lib.save_weights_only`), word for word.
+UNBUILT_SAVE_WARNING = (
+    "You are saving a model that has not yet been built. "
+    "It might not contain any weights yet. "
+    "Consider building the model first by calling it "
+    "on some data."
+)
+UNBUILT_WEIGHTS_ERROR = (
+    "You are saving a model that has not yet been built. "
+    "Try building the model first by calling it on some data or "
+    "by using `build()`."
+)
+
+
 def model_json(model: keras.Model) -> tuple[str, str]:
     """`(config.json, metadata.json)` of a `.keras` file, as Keras writes them."""
     config_json, metadata_json = saving_lib._serialize_model_as_json(model)
@@ -272,9 +288,64 @@ def load_state(model: keras.Model, values: dict[str, Any]) -> None:
         saving_lib._raise_loading_failure(errors)
 
 
-def model_from_config(config: str, compile: bool, safe_mode: bool) -> keras.Model:
+def model_from_config(
+    config: str, compile: bool, safe_mode: bool, custom_objects: dict[str, Any] | None = None
+) -> keras.Model:
     """Keras's rebuild of a model from a `.keras` file's `config.json` text."""
-    return saving_lib._model_from_config(config, None, compile, safe_mode)
+    return saving_lib._model_from_config(config, custom_objects, compile, safe_mode)
+
+
+class _Claim:
+    """Stands for one of a file's values during a dry run of Keras's loading traversal."""
+
+    __slots__ = ("name", "shape")
+
+    def __init__(self, name: str, shape: tuple[int, ...]) -> None:
+        self.name, self.shape = name, shape
+
+
+# The dry run swaps `Variable.assign` process-wide (the swap passes every other value
+# through unchanged, so other threads are unaffected); dry runs take turns.
+_DRY_RUN = threading.Lock()
+
+
+def keras_load_targets(model: keras.Model, shapes: dict[str, tuple[int, ...]]) -> dict[int, str]:
+    """Which of a file's values Keras's own loading (`saving_lib._load_state`) assigns to
+    each variable, by the variable's `id`, found by a dry run that assigns nothing.
+
+    Keras tries an object at every path the traversal reaches it by, until one loads: a
+    layer that a property aliases under another attribute name, or whose first attribute
+    name changed since the file was written, loads from the path the file has. `shapes`
+    are the file's values by weight path. Raises Keras's loading error when Keras's own
+    loading would fail too.
+    """
+    from keras.src.backend.common.variables import Variable
+
+    claimed: dict[int, str] = {}
+    real_assign = Variable.assign
+
+    def assign(variable: Any, value: Any) -> Any:
+        if not isinstance(value, _Claim):
+            return real_assign(variable, value)
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(
+                "The shape of the target variable and the shape of the target value in "
+                "`variable.assign(value)` must match. "
+                f"variable.shape={variable.shape}, Received: value.shape={value.shape}."
+            )
+        claimed[id(variable)] = value.name
+        return value
+
+    claims = {name: _Claim(name, shape) for name, shape in shapes.items()}
+    with _DRY_RUN, warnings.catch_warnings():
+        # An optimizer whose state does not fit warns and keeps its own: not news here.
+        warnings.simplefilter("ignore")
+        Variable.assign = assign
+        try:
+            load_state(model, claims)
+        finally:
+            Variable.assign = real_assign
+    return claimed
 
 
 # The legacy full-model `.h5` ---------------------------------------------------------------
@@ -310,6 +381,10 @@ def record_legacy_h5(
     from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
     from keras.src.legacy.saving.json_utils import get_json_type
 
+    # Keras's `model_metadata` pops "optimizer" out of the model's own compile config: put
+    # back, or the model's next `.keras` file would be compiled with the default optimizer.
+    compile_config = getattr(getattr(model, "_compile_config", None), "config", None)
+    kept = dict(compile_config) if isinstance(compile_config, dict) else None
     with _LEGACY_SWAP:
         real = legacy_h5_format.backend
         if value_of is not None:
@@ -327,6 +402,9 @@ def record_legacy_h5(
                     legacy_h5_format.save_optimizer_weights_to_hdf5_group(root, model.optimizer)
         finally:
             legacy_h5_format.backend = real
+            if kept is not None and isinstance(compile_config, dict):
+                compile_config.clear()
+                compile_config.update(kept)
 
 
 def load_legacy_h5(model: keras.Model, f: Any) -> None:

@@ -76,13 +76,9 @@ def _check_model(model: Any) -> None:
 
 
 def walk(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
-    """Runs Keras's saving traversal over `model` and returns what it would save."""
+    """Runs Keras's saving traversal over `model` and returns what it would save (a model
+    not built yet has no layer weights, only the groups and any optimizer state)."""
     _check_model(model)
-    if not model.built:
-        raise ValueError(
-            "You are saving a model that has not yet been built: it has no weights yet. "
-            "Build it first by calling it on some data or with `model.build()`."
-        )
     groups: list[tuple[str, dict[str, str]]] = []
     groups_at: list[int] = []
     entries: list[Entry] = []

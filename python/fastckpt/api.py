@@ -14,10 +14,12 @@ import keras
 import numpy as np
 
 from fastckpt import _fastckpt, _keras_private, _processes, formats
+from fastckpt._environment import direct_io_allowed
 from fastckpt._errors import CheckpointContentError
+from fastckpt._progress import Reporter
 from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot, snapshotter_for
-from fastckpt._walk import SavePlan, plan_for
+from fastckpt._walk import Entry, SavePlan, plan_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +134,6 @@ class SaveJob:
         return f"<fastckpt.SaveJob {state} path={self.path!r}>"
 
 
-def direct_io_allowed() -> bool:
-    """Whether writes may use direct I/O: yes unless `FASTCKPT_DIRECT_IO` is `0`, `false`,
-    `off` or `no` (read at every save, so it can be changed at run time)."""
-    value = os.environ.get("FASTCKPT_DIRECT_IO", "")
-    return value.strip().lower() not in ("0", "false", "off", "no")
-
-
 @overload
 def save(
     model: keras.Model,
@@ -151,6 +146,8 @@ def save(
     weights_only: bool = ...,
     format: str | None = ...,
     max_shard_size: float | None = ...,
+    compression: str | None = ...,
+    verbose: bool = ...,
 ) -> SaveResult: ...
 @overload
 def save(
@@ -164,6 +161,8 @@ def save(
     weights_only: bool = ...,
     format: str | None = ...,
     max_shard_size: float | None = ...,
+    compression: str | None = ...,
+    verbose: bool = ...,
 ) -> SaveJob: ...
 @overload
 def save(
@@ -177,6 +176,8 @@ def save(
     weights_only: bool = ...,
     format: str | None = ...,
     max_shard_size: float | None = ...,
+    compression: str | None = ...,
+    verbose: bool = ...,
 ) -> SaveResult | SaveJob: ...
 def save(
     model: keras.Model,
@@ -189,16 +190,22 @@ def save(
     weights_only: bool = False,
     format: str | None = None,
     max_shard_size: float | None = None,
+    compression: str | None = None,
+    verbose: bool = False,
 ) -> SaveResult | SaveJob:
     """Saves `model`'s state to `path`, durably and atomically.
 
     The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
-    model), `.safetensors`, or `.weights.json` (sharded weights). Each file is written
-    beside its target under a temp name, fdatasync'd, renamed over the target and the
-    folder fsync'd: a failed save leaves the previous file untouched.
+    model), `.safetensors`, `.zst.safetensors` (the zstd container) or `.weights.json`
+    (sharded weights). Each file is written beside its target under a temp name,
+    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
+    previous file untouched.
 
     Args:
-        model: a built Keras model.
+        model: a Keras model. One not built yet can be saved where the file holds the
+            model (`.keras`, `.safetensors`, legacy `.h5`: its config, compile state and
+            optimizer variables, with Keras's warning), as `model.save` does; the
+            weights-only formats refuse it, as `save_weights` does.
         path: the file to write.
         include_optimizer: also save the optimizer's variables (as Keras does).
         overwrite: if False, an existing file is an error.
@@ -218,33 +225,61 @@ def save(
             `"legacy_h5"`, `"safetensors"`, `"weights_sharded"`), e.g. Keras's quirk of
             writing a legacy full model to `x.weights.h5` when
             `ModelCheckpoint(save_weights_only=False)`.
+        compression: `"zstd"` writes the zstd container: a `.safetensors`-style file in
+            which each tensor is one standard zstd frame, compressed in parallel (a
+            `.zst.safetensors` name implies it; a `.safetensors` name is written as the
+            container too). Other formats have no compressed form.
+        verbose: report the bytes written and the rate while a synchronous save writes,
+            on stderr (a bar on a terminal); quiet by default.
 
     Returns:
         A `SaveResult` once the files are durable, or a `SaveJob` if `background`.
+
+    Raises:
+        ValueError: a path, format or compression that cannot be written, or a model not
+            built yet for a weights-only format.
     """
-    job = start_save(
-        model,
-        path,
-        include_optimizer=include_optimizer,
-        overwrite=overwrite,
-        background=background,
-        threads=threads,
-        weights_only=weights_only,
-        format=format,
-        max_shard_size=max_shard_size,
-    )
     if background:
-        return job
-    if _processes.count() == 1:
-        return job.result()
-    # Every process returns once process 0's files are durable, or raises if they are not.
-    error = None
-    try:
-        result = job.result()
-    except BaseException as e:
-        error = e
-    _processes.settle(f"fastckpt.save({job.path!r})", error)
-    return result
+        return start_save(
+            model,
+            path,
+            include_optimizer=include_optimizer,
+            overwrite=overwrite,
+            background=True,
+            threads=threads,
+            weights_only=weights_only,
+            format=format,
+            max_shard_size=max_shard_size,
+            compression=compression,
+        )
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if verbose:
+            reporter = stack.enter_context(Reporter(f"saving {os.fspath(path)}"))
+            reporter.total = plan_bytes(plan_for(model, include_optimizer))
+            progress = reporter.progress
+        job = start_save(
+            model,
+            path,
+            include_optimizer=include_optimizer,
+            overwrite=overwrite,
+            threads=threads,
+            weights_only=weights_only,
+            format=format,
+            max_shard_size=max_shard_size,
+            compression=compression,
+            progress=progress,
+        )
+        if _processes.count() == 1:
+            return job.result()
+        # Every process returns once process 0's files are durable, or raises if not.
+        error = None
+        try:
+            result = job.result()
+        except BaseException as e:
+            error = e
+        _processes.settle(f"fastckpt.save({job.path!r})", error)
+        return result
 
 
 def save_async(
@@ -257,6 +292,7 @@ def save_async(
     weights_only: bool = False,
     format: str | None = None,
     max_shard_size: float | None = None,
+    compression: str | None = None,
 ) -> SaveJob:
     """`save(..., background=True)`: returns the `SaveJob` once the snapshot is taken."""
     return start_save(
@@ -269,6 +305,7 @@ def save_async(
         weights_only=weights_only,
         format=format,
         max_shard_size=max_shard_size,
+        compression=compression,
     )
 
 
@@ -290,6 +327,8 @@ def start_save(
     extra: formats.Extra | None = None,
     companions: Sequence[tuple[str, bytes]] = (),
     previous_suffix: str | None = None,
+    compression: str | None = None,
+    progress: _fastckpt.Progress | None = None,
 ) -> SaveJob:
     """`save`, returning the job (finished unless in the background): the callbacks' way in.
 
@@ -306,12 +345,19 @@ def start_save(
     """
     started = time.perf_counter()
     fmt = formats.format_for(path) if format is None else formats.by_name(format)
-    plan = plan_for(model, include_optimizer)
-    _processes.check_whole_on_writer(plan.entries)
     writer = _processes.is_writer()
     # Process 0 writes the checkpoint for every process (see `_processes`); the others
     # still plan it, since Keras's traversal makes collective calls on every process.
     path = formats.check_target(path, overwrite) if writer else os.fspath(path)
+    fmt = formats.with_compression(fmt, compression, path)
+    plan = plan_for(model, include_optimizer)
+    _processes.check_whole_on_writer(plan.entries)
+    if not model.built:
+        # Keras's rule: a model without weights yet is saved with its config (and compile
+        # state and optimizer variables), but its weights alone cannot be.
+        if not fmt.holds_model:
+            raise ValueError(f"{_keras_private.UNBUILT_WEIGHTS_ERROR} Received: path={path!r}")
+        warnings.warn(_keras_private.UNBUILT_SAVE_WARNING, UserWarning, stacklevel=3)
     if not background:
         # A synchronous write runs at once: what it must follow ends first (its errors
         # stay with its owner).
@@ -339,6 +385,7 @@ def start_save(
             keep_replaced=keep_replaced,
             direct_io=direct_io_allowed(),
             previous_suffix=previous_suffix,
+            progress=progress,
         )
         files = fmt.plan(request) + [_fastckpt.plan_bytes(p, data) for p, data in companions]
         if not writer:
@@ -398,7 +445,9 @@ def plan_bytes(plan: SavePlan) -> int:
 
 def _build_optimizer_if_needed(model: keras.Model, names: set[str]) -> None:
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or optimizer.built:
+    # A model not built yet keeps its optimizer unbuilt, as Keras's loading does: built now,
+    # on no variables, it would have no slots for the weights the model builds later.
+    if optimizer is None or optimizer.built or not model.built:
         return
     if any(n.startswith("optimizer/") for n in names):
         optimizer.build(model.trainable_variables)
@@ -408,12 +457,31 @@ def _describe(dtype: str, shape: tuple[int, ...]) -> str:
     return f"{dtype} {tuple(shape)}"
 
 
-def load(model: keras.Model, path: str | os.PathLike[str], *, threads: int | None = None) -> None:
+def load(
+    model: keras.Model,
+    path: str | os.PathLike[str],
+    *,
+    threads: int | None = None,
+    verbose: bool = False,
+) -> None:
     """Restores every model and optimizer variable from `path`, bit-exact.
 
     Reads files written by fastckpt or by Keras itself. Every variable is checked against
     the file first: a missing or unexpected variable, or a shape or dtype mismatch, raises
     `CheckpointContentError` naming the variable's path, before anything is assigned.
+    A layer the file holds under another path by which the model also reaches it (a
+    property aliasing a tracked layer) is found there, as Keras's own loading finds it.
+
+    Args:
+        model: the model to restore.
+        path: the checkpoint, in any format `fastckpt.save` writes.
+        threads: reader threads (default: one per core, at most 8).
+        verbose: report the bytes read and the rate on stderr; quiet by default.
+
+    Raises:
+        CheckpointContentError: the file does not match the model, or is damaged.
+        CheckpointNotFoundError: there is no file at `path` (a FileNotFoundError and a
+            ValueError).
     """
     path = os.fspath(path)
     fmt = formats.format_for(path)
@@ -440,39 +508,79 @@ def load(model: keras.Model, path: str | os.PathLike[str], *, threads: int | Non
         checkpoint.tensors = {
             n: t for n, t in checkpoint.tensors.items() if not n.startswith("optimizer/")
         }
-    wanted = {e.path: e for e in plan.entries}
-    missing = [p for p in wanted if p not in checkpoint.tensors]
-    unexpected = [p for p in checkpoint.tensors if p not in wanted]
-    if missing or unexpected:
-        raise CheckpointContentError(
-            f"{path} does not match the model: "
-            + "; ".join(
-                part
-                for part in (
-                    missing and f"missing {_listing(missing)}",
-                    unexpected and f"not in the model {_listing(unexpected)}",
-                )
-                if part
-            )
-        )
+    wanted = _match(model, plan, checkpoint, path)
     for name, entry in wanted.items():
         info = checkpoint.tensors[name]
         have = _value_spec(entry.source)
         if have != (info.dtype, tuple(info.shape)):
+            what = "shape" if tuple(info.shape) != have[1] else "dtype"
             raise CheckpointContentError(
                 f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
                 f"{_describe(*have)}"
+                + (f" at {entry.path}" if entry.path != name else "")
                 + (
                     f" (variable {entry.source.path})"
                     if isinstance(entry.source, keras.Variable)
                     else ""
                 )
+                # Keras's words, which its users and their tools search for.
+                + f": the {what} of the target variable and the {what} of the target value"
+                " in `variable.assign(value)` must match"
             )
-    values = checkpoint.read(list(wanted), threads=threads)
+    total = sum(checkpoint.tensors[name].nbytes for name in wanted)
+    with Reporter(f"loading {path}", total, enabled=verbose) as reporter:
+        values = checkpoint.read(list(wanted), threads=threads, progress=reporter.progress)
     if plan.dynamic:
         _keras_private.load_state(model, values)
     else:
         assign_all(list(wanted.values()), [values[name] for name in wanted])
+
+
+def _match(
+    model: keras.Model, plan: SavePlan, checkpoint: formats.Checkpoint, path: str
+) -> dict[str, Entry]:
+    """Which of the file's tensors each plan entry loads from, by the file's name: the
+    entry's own path, or where Keras's loading would find it (`_alias_targets`)."""
+    by_path = {e.path: e for e in plan.entries}
+    missing = [p for p in by_path if p not in checkpoint.tensors]
+    unexpected = [p for p in checkpoint.tensors if p not in by_path]
+    if not missing and not unexpected:
+        return by_path
+    if not plan.dynamic:
+        found = _alias_targets(model, plan, checkpoint)
+        if found is not None:
+            return found
+    raise CheckpointContentError(
+        f"{path} does not match the model: "
+        + "; ".join(
+            part
+            for part in (
+                missing and f"missing {_listing(missing)}",
+                unexpected and f"not in the model {_listing(unexpected)}",
+            )
+            if part
+        )
+    )
+
+
+def _alias_targets(
+    model: keras.Model, plan: SavePlan, checkpoint: formats.Checkpoint
+) -> dict[str, Entry] | None:
+    """The file's tensor for each entry as Keras's own loading assigns them (a dry run that
+    tries an object at every path the model reaches it by), when that loads every entry
+    from a tensor of its own and uses every tensor; None otherwise."""
+    shapes = {name: tuple(t.shape) for name, t in checkpoint.tensors.items()}
+    try:
+        claimed = _keras_private.keras_load_targets(model, shapes)
+    except Exception:  # Keras's loading fails too (or a layer's own loading needs values)
+        return None
+    out: dict[str, Entry] = {}
+    for entry in plan.entries:
+        name = claimed.get(id(entry.source))
+        if name is None or name in out:
+            return None
+        out[name] = entry
+    return out if set(out) == set(checkpoint.tensors) else None
 
 
 def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
@@ -554,20 +662,43 @@ def _recorded_step(path: str) -> int | None:
 
 def load_model(
     path: str | os.PathLike[str],
-    *,
+    custom_objects: dict[str, Any] | None = None,
     compile: bool = True,
     safe_mode: bool = True,
+    *,
     threads: int | None = None,
+    verbose: bool = False,
 ) -> keras.Model:
     """Rebuilds a model from a checkpoint that carries its config, then loads its state.
 
-    Works for `.keras` files and `.safetensors` files saved with the config (the default
-    of `fastckpt.save`); legacy `.h5` files are handed to `keras.saving.load_model`.
+    Works for `.keras` files and `.safetensors` / `.zst.safetensors` files saved with the
+    config (the default of `fastckpt.save`); legacy `.h5` files are handed to
+    `keras.saving.load_model`. The arguments are `keras.saving.load_model`'s.
+
+    Args:
+        path: the checkpoint.
+        custom_objects: names of custom classes or functions the config refers to, as
+            Keras's `custom_objects` (or wrap the call in `keras.saving.custom_object_scope`).
+        compile: compile the model as it was saved (if it was).
+        safe_mode: refuse configs that would run code (`lambda` layers), as Keras does.
+        threads: reader threads (default: one per core, at most 8).
+        verbose: report the bytes read and the rate on stderr; quiet by default.
+
+    Returns:
+        The model, with every variable restored. A model saved before it was built comes
+        back unbuilt (with its compile state), as Keras's `load_model` gives it.
+
+    Raises:
+        CheckpointNotFoundError: there is no file at `path`: a `FileNotFoundError`, and the
+            `ValueError` that `keras.saving.load_model` raises for a missing file.
+        CheckpointContentError: the file is damaged, or its config cannot be rebuilt.
     """
     path = os.fspath(path)
     if not formats.format_for(path).keras_layout:
         formats.open_checkpoint(path, legacy=True)  # links, dtypes and sizes checked first
-        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+        return keras.saving.load_model(
+            path, custom_objects=custom_objects, compile=compile, safe_mode=safe_mode
+        )
     checkpoint = formats.open_checkpoint(path)
     config = checkpoint.model_config
     if config is None:
@@ -576,8 +707,8 @@ def load_model(
             "model in code and use fastckpt.load(model, path)"
         )
     try:
-        model = _keras_private.model_from_config(config, compile, safe_mode)
+        model = _keras_private.model_from_config(config, compile, safe_mode, custom_objects)
     except (ValueError, TypeError) as e:  # a malformed config, or one safe_mode refuses
         raise CheckpointContentError(f"{path}: cannot rebuild the model: {e}") from e
-    load(model, path, threads=threads)
+    load(model, path, threads=threads, verbose=verbose)
     return model

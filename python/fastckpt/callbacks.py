@@ -122,10 +122,13 @@ class ModelCheckpoint(MonitorCallbackBase):
             `save_freq`.
         options: from tf.keras 2.x: accepted for compatibility, with a `UserWarning`;
             it has no effect.
+        compression: `"zstd"` to write `.safetensors` checkpoints as the zstd container
+            (each tensor one zstd frame, compressed in parallel; a `.zst.safetensors` name
+            implies it). Other formats have no compressed form.
 
     Raises:
-        ValueError: for a `save_freq`, file name suffix, `period`, `max_to_keep` or
-            `threads` that cannot work, or a remote `filepath`.
+        ValueError: for a `save_freq`, file name suffix, `period`, `max_to_keep`,
+            `threads` or `compression` that cannot work, or a remote `filepath`.
     """
 
     # Like Keras's ModelCheckpoint (which leaves `async_safe` unset): overriding
@@ -154,6 +157,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         threads=None,
         period=None,
         options=None,
+        compression=None,
     ):
         super().__init__(monitor, mode, initial_value_threshold)
         self.verbose = verbose
@@ -205,6 +209,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         self.threads = None if threads is None else _positive_int("threads", threads)
         self.save_on_background = bool(save_on_background)
         self.snapshot_buffers = _positive_int("snapshot_buffers", snapshot_buffers)
+        self.compression = compression
+        formats.with_compression(self._format(), compression, self.filepath)
         self.options = options
         if options is not None:
             warnings.warn(
@@ -434,6 +440,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 threads=self.threads,
                 weights_only=self.save_weights_only,
                 format=self._format().name,
+                compression=self.compression,
                 queue_after=[queued_behind] if isinstance(queued_behind, api.SaveJob) else [],
                 # No training step comes between the last checkpoint of a `fit` and the
                 # wait for it in `on_train_end`: its write can read the variables' own

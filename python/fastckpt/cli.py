@@ -1,7 +1,8 @@
-"""The `fastckpt` command: `verify`, `inspect` and `bench` (each registers the same way).
+"""The `fastckpt` command: `convert`, `verify`, `inspect` and `bench` (each registers the
+same way).
 
 Heavy imports (Keras, TensorFlow) happen inside the subcommands, so `fastckpt --help` is
-instant.
+instant, and `convert`, `inspect` and `verify` run without Keras where the format allows.
 """
 
 from __future__ import annotations
@@ -82,12 +83,85 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return main_exit_code(run(opts))
 
 
+def _add_convert(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="copy a checkpoint into another format, streamed, then verify it",
+        description="Writes SRC in the format DST's suffix names (.weights.h5, .weights.json, "
+        ".keras, .h5, .safetensors, .zst.safetensors), then checks every tensor of DST "
+        "against SRC. Keras's own files are sources like any other. Between the Keras "
+        "weights layouts nothing is loaded (no Keras needed, memory stays bounded); the "
+        "legacy .h5 layout goes through the model, rebuilt with Keras. Progress goes to "
+        "stderr: a bar on a terminal, plain lines otherwise. Exit status: 0 written and "
+        "verified, 1 the written file did not match (it is removed), 2 the conversion "
+        "cannot be made (missing or damaged source, a format that cannot hold it).",
+    )
+    p.add_argument("source", metavar="SRC")
+    p.add_argument("destination", metavar="DST")
+    p.add_argument(
+        "--max-shard-size",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="for a .weights.json destination: the largest shard (default: 5)",
+    )
+    p.add_argument(
+        "--compression",
+        choices=["zstd"],
+        default=None,
+        help="write the zstd container (implied by a .zst.safetensors name)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="reader and writer threads")
+    p.add_argument("--no-verify", action="store_true", help="skip the check of DST against SRC")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=_convert)
+
+
+def _convert(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    import dataclasses
+
+    from fastckpt._progress import rate_text, size_text
+    from fastckpt.conversion import CopyMismatchError, convert
+
+    shard = args.max_shard_size
+    if shard is None and args.destination.endswith(".weights.json"):
+        shard = 5.0
+    try:
+        result = convert(
+            args.source,
+            args.destination,
+            max_shard_size=shard,
+            compression=args.compression,
+            threads=args.threads,
+            verify=not args.no_verify,
+            verbose=not args.quiet,
+        )
+    except CopyMismatchError as e:
+        print(f"fastckpt convert: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:
+        print(f"fastckpt convert: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=1))
+        return 0
+    print(
+        f"{result.source} -> {result.path}: {result.tensors} tensors, "
+        f"{size_text(result.tensor_bytes)} in {result.seconds:.2f} s "
+        f"({rate_text(result.tensor_bytes, result.seconds)}), {size_text(result.bytes)} "
+        f"written" + (", verified" if result.verified else ", not verified")
+    )
+    return 0
+
+
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "inspect",
         help="list a checkpoint's tensors: name, dtype, shape, bytes",
-        description="Lists the tensors of a .safetensors, .weights.h5, .keras or legacy .h5 "
-        "checkpoint without loading a model.",
+        description="Lists the tensors of a .safetensors, .zst.safetensors, .weights.h5, "
+        ".weights.json, .keras or legacy .h5 checkpoint without loading a model. Exit "
+        "status: 0 listed, 2 the file cannot be read as a checkpoint.",
     )
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -97,7 +171,11 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from fastckpt.inspection import describe
 
-    info = describe(args.path)
+    try:
+        info = describe(args.path)
+    except (OSError, ValueError) as e:  # missing, unreadable, damaged, not a checkpoint
+        print(f"{args.path}: cannot inspect: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -107,9 +185,13 @@ def _inspect(args: argparse.Namespace, argv: Sequence[str]) -> int:
         + (", with model config" if info["has_model_config"] else "")
     )
     width = max((len(t["name"]) for t in info["tensors"]), default=4)
+    stored = any("stored_bytes" in t for t in info["tensors"])
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        print(f"  {t['name']:<{width}}  {t['dtype']:<8}  {shape:<16}  {t['bytes']:>14,}")
+        line = f"  {t['name']:<{width}}  {t['dtype']:<8}  {shape:<16}  {t['bytes']:>14,}"
+        if stored:
+            line += f"  {t['stored_bytes']:>14,} stored"
+        print(line)
     return 0
 
 
@@ -148,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="fastckpt", description="Durable, fast, background checkpoints for Keras."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
     _add_verify(sub)
     _add_inspect(sub)
     _add_bench(sub)

@@ -33,7 +33,8 @@ def _legacy_h5_tensors(path: str) -> tuple[list[dict[str, Any]], bool]:
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The format, size and tensors (name, dtype, shape, bytes) of a checkpoint file."""
+    """The format, size and tensors (name, dtype, shape, bytes; in a zstd container also
+    `stored_bytes`, the frame's length) of a checkpoint file."""
     path = os.fspath(path)
     fmt = formats.format_for(path).name
     tensors: list[dict[str, Any]]
@@ -43,6 +44,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = formats.open_checkpoint(path)
         tensors = [
             {"name": name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes}
+            | ({} if t.stored is None else {"stored_bytes": t.stored})
             for name, t in ckpt.tensors.items()
         ]
         has_config = ckpt.model_config is not None

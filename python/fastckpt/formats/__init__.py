@@ -2,12 +2,16 @@
 is planned (its layout builder and native writer) and how a file of it is opened.
 
 Each format is a module of this package (`weights_h5`, `sharded`, `safetensors`,
-`keras_zip`, `legacy_h5`), mirroring `rust/core/src/format/`, with two functions:
+`zstd_safetensors`, `keras_zip`, `legacy_h5`), mirroring `rust/core/src/format/`, with:
 
 - `plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]`: the files of one save, laid
   out to the byte; several files commit together, the last one last (a sharded index).
 - `open(path: str) -> Checkpoint`: the file opened for reading, every tensor located and
   checked.
+- for the formats in the Keras weights layout, what `fastckpt convert` needs:
+  `extras(path) -> Groups` (the `vars` groups' attributes, a `.keras` file's metadata and
+  assets) and `plan_contents(contents: Contents) -> list[_fastckpt.PlannedFile]` (the
+  files holding another checkpoint's tensors, which are copied as the file is written).
 
 A module is imported when its format is first used; reading never imports Keras. Adding a
 format is one module and one entry in `FORMATS`.
@@ -22,7 +26,14 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from fastckpt.formats._reading import Checkpoint, TensorInfo, content_errors, numpy_dtype
+from fastckpt._errors import CheckpointNotFoundError
+from fastckpt.formats._reading import (
+    Checkpoint,
+    Groups,
+    TensorInfo,
+    content_errors,
+    numpy_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,8 +45,10 @@ __all__ = [
     "EXTRA_GROUP",
     "FORMATS",
     "Checkpoint",
+    "Contents",
     "Extra",
     "Format",
+    "Groups",
     "SaveRequest",
     "TensorInfo",
     "by_name",
@@ -91,6 +104,34 @@ class SaveRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Contents:
+    """A checkpoint's contents, to be written in another format (`fastckpt convert`).
+
+    Attributes:
+        path: the file to write (for sharded weights, the index).
+        tensors: `(weight path, value)` in the source's order; a value is a numpy array or
+            a `_fastckpt.SourceTensor`, read from the source as the file is written.
+        dtypes: each tensor's dtype name.
+        groups: the Keras `vars` groups with their attributes.
+        model_config: the model's config JSON, when the source has one.
+        metadata: the source's string metadata (Keras version and backend).
+        keras_metadata: a `.keras` source's `metadata.json`.
+        assets: a `.keras` source's `assets/...` members.
+        max_shard_size: for sharded weights, the largest shard in GB.
+    """
+
+    path: str
+    tensors: list[tuple[str, Any]]
+    dtypes: list[str]
+    groups: list[tuple[str, dict[str, str]]]
+    model_config: str | None = None
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    keras_metadata: str | None = None
+    assets: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    max_shard_size: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Format:
     """One checkpoint format.
 
@@ -137,11 +178,28 @@ class Format:
         checkpoint: Checkpoint = self.impl.open(path)
         return checkpoint
 
+    def extras(self, path: str) -> Groups:
+        """What a conversion carries over besides the tensors (Keras layout only)."""
+        with content_errors(path):
+            groups: Groups = self.impl.extras(path)
+        return groups
+
+    def plan_contents(self, contents: Contents) -> list[_fastckpt.PlannedFile]:
+        """The files holding `contents` in this format (Keras layout only)."""
+        if self.sharded and contents.max_shard_size is None:
+            raise ValueError(
+                "Writing sharded weights (a `.weights.json` index) needs `max_shard_size` "
+                f"(in GB). Received: path={contents.path!r}"
+            )
+        files: list[_fastckpt.PlannedFile] = self.impl.plan_contents(contents)
+        return files
+
 
 # Longest suffixes first: "x.weights.h5" is a weights file, "x.h5" a legacy full model.
 FORMATS: tuple[Format, ...] = (
     Format("weights_h5", (".weights.h5",), "weights_h5", holds_model=False),
     Format("weights_sharded", (".weights.json",), "sharded", holds_model=False, sharded=True),
+    Format("safetensors_zstd", (".zst.safetensors",), "zstd_safetensors", holds_model=True),
     Format("safetensors", (".safetensors",), "safetensors", holds_model=True),
     Format("keras", (".keras",), "keras_zip", holds_model=True),
     Format("legacy_h5", (".h5", ".hdf5"), "legacy_h5", holds_model=True, keras_layout=False),
@@ -171,10 +229,32 @@ def format_for(path: str | os.PathLike[str]) -> Format:
     )
 
 
+def with_compression(fmt: Format, compression: str | None, path: str) -> Format:
+    """The format a save writes with `compression`: `"zstd"` turns a `.safetensors` save
+    into the zstd container (which `.zst.safetensors` names already); other formats have
+    no compressed form (Keras's readers would not read one)."""
+    if compression is None:
+        return fmt
+    if compression != "zstd":
+        raise ValueError(
+            f"Unknown compression {compression!r}: fastckpt knows 'zstd'. "
+            f"Received: compression={compression!r}"
+        )
+    if fmt.name not in ("safetensors", "safetensors_zstd"):
+        raise ValueError(
+            "compression='zstd' writes the zstd container, a `.safetensors`-style file: "
+            "name it `.zst.safetensors` (Keras's own formats have no compressed form). "
+            f"Received: path={path!r}"
+        )
+    return _BY_NAME["safetensors_zstd"]
+
+
 def for_model_checkpoint(filepath: str, weights_only: bool) -> Format:
     """The format `ModelCheckpoint` writes: Keras's rule (`model.save` writes the legacy
     format for any `.h5` name, `x.weights.h5` included, when not weights-only), plus
-    `.safetensors`."""
+    `.safetensors` and `.zst.safetensors`."""
+    if filepath.endswith(".zst.safetensors"):
+        return _BY_NAME["safetensors_zstd"]
     if filepath.endswith(".safetensors"):
         return _BY_NAME["safetensors"]
     if weights_only:
@@ -209,12 +289,17 @@ def open_checkpoint(path: str | os.PathLike[str], *, legacy: bool = False) -> Ch
 
     Raises:
         CheckpointContentError: the file is damaged, hostile or not a checkpoint.
-        OSError: the file cannot be read (FileNotFoundError, PermissionError, ...).
+        CheckpointNotFoundError: there is no file at `path` (a FileNotFoundError and a
+            ValueError).
+        OSError: the file cannot be read (PermissionError, ...).
     """
     path = os.fspath(path)
     fmt = format_for(path)
     if not fmt.keras_layout and not legacy:
         raise ValueError(f"{path} is a legacy full-model HDF5 file: it has no Keras weights tree")
-    os.stat(path)  # a missing or unreadable file is an OSError, not a content error
+    try:
+        os.stat(path)  # a missing or unreadable file is an OSError, not a content error
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(errno.ENOENT, "No such file or directory", path) from None
     with content_errors(path):
         return fmt.open(path)

@@ -217,3 +217,45 @@ def attr(name: str, value: Any) -> _fastckpt.Attr:
 def dataset_attrs(array: np.ndarray) -> list[_fastckpt.Attr]:
     """What Keras tags a dataset with: bfloat16 is stored opaque, with `dtype="bfloat16"`."""
     return [attr("dtype", "bfloat16")] if array.dtype == ml_dtypes.bfloat16 else []
+
+
+def dtype_attrs(dtype: str) -> list[_fastckpt.Attr]:
+    """`dataset_attrs` for a dataset of dtype `dtype` (by name)."""
+    return [attr("dtype", "bfloat16")] if dtype == "bfloat16" else []
+
+
+def content_nodes(
+    groups: Sequence[tuple[str, dict[str, str]]], names: Sequence[str], dtypes: Sequence[str]
+) -> list[_fastckpt.Node]:
+    """The tree of a weights file holding datasets `names` (dataset `i` holds tensor `i`):
+    the `groups` with their attributes, and any other group a dataset sits in."""
+    out = [
+        _fastckpt.Node(f"/{path}", None, [attr(k, v) for k, v in a.items()]) for path, a in groups
+    ]
+    made = {path for path, _ in groups}
+    for i, (name, dtype) in enumerate(zip(names, dtypes, strict=True)):
+        parent = name.rpartition("/")[0]
+        if parent and parent not in made:
+            out.append(_fastckpt.Node(f"/{parent}", None, []))
+            made.add(parent)
+        out.append(_fastckpt.Node(f"/{name}", i, dtype_attrs(dtype)))
+    return out
+
+
+def group_attrs(f: h5py.File) -> list[tuple[str, dict[str, str]]]:
+    """Every group's string attributes (Keras's `vars` groups carry `name`), in h5py's
+    order. Call `check_global_heaps` on the file first: string attributes are read."""
+    found: list[tuple[str, dict[str, str]]] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group) and name.rsplit("/", 1)[-1] == "vars":
+            attrs = {}
+            for key, value in obj.attrs.items():
+                if isinstance(value, bytes):
+                    value = value.decode("utf8", errors="replace")
+                if isinstance(value, str):
+                    attrs[str(key)] = value
+            found.append((name, attrs))
+
+    f.visititems(visit)
+    return found

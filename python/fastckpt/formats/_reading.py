@@ -44,7 +44,9 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's payload is: `offset` -1 when only a format's own reader can read
-    it (a chunked or compressed HDF5 dataset)."""
+    it (a chunked or compressed HDF5 dataset). `nbytes` is always the tensor's own size;
+    in a zstd container the payload at `offset` is one zstd frame of `stored` bytes, and
+    `crc32c` is that of the decoded bytes."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -52,6 +54,22 @@ class TensorInfo:
     nbytes: int
     crc32c: int | None = None
     file: str | None = None  # for sharded checkpoints: the shard holding it
+    stored: int | None = None  # a zstd frame's length
+
+
+# Reads of decoded tensors (zstd frames, h5py's own reads) are made in batches of about
+# this many bytes, so that checking a checkpoint never holds all of it in memory.
+BATCH_BYTES = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+    """What a conversion carries over besides the tensors: the Keras `vars` groups with
+    their attributes (`name`), the `.keras` file's `metadata.json` and assets."""
+
+    groups: list[tuple[str, dict[str, str]]]
+    keras_metadata: str | None = None
+    assets: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -73,26 +91,86 @@ class Checkpoint:
     # fastckpt's own tensors beside Keras's tree (`formats.Extra`), by their full path.
     extras: dict[str, TensorInfo] = dataclasses.field(default_factory=dict)
 
-    def read(self, names: list[str], *, threads: int | None = None) -> dict[str, np.ndarray]:
+    def read(
+        self,
+        names: list[str],
+        *,
+        threads: int | None = None,
+        progress: _fastckpt.Progress | None = None,
+    ) -> dict[str, np.ndarray]:
         """Reads the named tensors (or extras) in parallel into fresh arrays, checking
-        checksums."""
+        checksums (zstd frames are decoded in parallel, each checked against its own
+        checksum and the recorded CRC-32C). `progress` counts the bytes read."""
         out = {}
-        by_file: dict[str, list[tuple[str, np.ndarray]]] = {}
+        plain: dict[str, list[tuple[str, np.ndarray]]] = {}
+        frames: dict[str, list[tuple[str, np.ndarray]]] = {}
         for name in names:
             info = self._info(name)
             if info.offset < 0:
                 assert self.fallback is not None
                 with content_errors(self.path):
                     out[name] = self.fallback(name)
+                if progress is not None:
+                    progress.add(info.nbytes)
                 continue
             arr = aligned_empty(tuple(info.shape), numpy_dtype(info.dtype))
             out[name] = arr
-            by_file.setdefault(info.file or self.path, []).append((name, arr))
-        for path, pairs in by_file.items():
+            kind = plain if info.stored is None else frames
+            kind.setdefault(info.file or self.path, []).append((name, arr))
+        for path, pairs in plain.items():
             items = [(self._info(name).offset, arr) for name, arr in pairs]
-            sums = _fastckpt.read_into(path, items, threads=threads, crc32c=True)
+            sums = _fastckpt.read_into(path, items, threads=threads, crc32c=True, progress=progress)
             assert sums is not None
             self._check_sums([name for name, _ in pairs], sums)
+        for path, pairs in frames.items():
+            zitems = [
+                (self._info(name).offset, self._info(name).stored or 0, arr) for name, arr in pairs
+            ]
+            sums = _fastckpt.read_zstd_into(path, zitems, threads=threads, progress=progress)
+            self._check_sums([name for name, _ in pairs], sums)
+        return out
+
+    def checksums(
+        self,
+        names: list[str] | None = None,
+        *,
+        threads: int | None = None,
+        progress: _fastckpt.Progress | None = None,
+    ) -> dict[str, int]:
+        """The CRC-32C of each tensor's bytes, in bounded memory: stored payloads are
+        summed in place, zstd frames streamed through the decoder, what only h5py reads a
+        batch at a time. Recorded checksums are checked on the way (a mismatch is a
+        CheckpointContentError)."""
+        names = list(self.tensors) if names is None else names
+        out: dict[str, int] = {}
+        by_file: dict[str, list[str]] = {}
+        frames: dict[str, list[str]] = {}
+        decoded: list[str] = []  # read by h5py
+        for name in names:
+            info = self.tensors[name]
+            if info.offset < 0:
+                decoded.append(name)
+            elif info.stored is not None:
+                frames.setdefault(info.file or self.path, []).append(name)
+            else:
+                by_file.setdefault(info.file or self.path, []).append(name)
+        for path, group in by_file.items():
+            ranges = [(self.tensors[n].offset, self.tensors[n].nbytes) for n in group]
+            sums = _fastckpt.crc32c_of_ranges(path, ranges, threads=threads, progress=progress)
+            self._check_sums(group, sums)
+            out.update(zip(group, sums, strict=True))
+        for path, group in frames.items():
+            items = [
+                (self.tensors[n].offset, self.tensors[n].stored or 0, self.tensors[n].nbytes)
+                for n in group
+            ]
+            sums = _fastckpt.crc32c_of_frames(path, items, threads=threads, progress=progress)
+            self._check_sums(group, sums)
+            out.update(zip(group, sums, strict=True))
+        for batch in batches(decoded, self.tensors):
+            values = self.read(batch, threads=threads, progress=progress)
+            out.update((name, _fastckpt.crc32c(arr)) for name, arr in values.items())
+            del values  # before the next batch is read
         return out
 
     def _info(self, name: str) -> TensorInfo:
@@ -106,6 +184,21 @@ class Checkpoint:
                     f"{self.path}: checksum mismatch for {name} (file says {want:08x}, data "
                     f"is {got:08x}): the file is corrupt"
                 )
+
+
+def batches(names: list[str], tensors: dict[str, TensorInfo]) -> Iterator[list[str]]:
+    """`names` in runs of about `BATCH_BYTES` (a larger tensor alone)."""
+    batch: list[str] = []
+    size = 0
+    for name in names:
+        nbytes = tensors[name].nbytes
+        if batch and size + nbytes > BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(name)
+        size += nbytes
+    if batch:
+        yield batch
 
 
 # What a parsing library raises on a damaged or hostile file. h5py reports a corrupt file as

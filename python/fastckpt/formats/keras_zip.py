@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import datetime
 import errno
 import io
+import json
 import os
 import struct
 import zipfile
@@ -19,12 +21,19 @@ import h5py
 from fastckpt import _fastckpt
 from fastckpt._errors import CheckpointContentError
 from fastckpt.formats import SaveRequest
-from fastckpt.formats._hdf5 import h5_fallback, h5_tensors
-from fastckpt.formats._reading import Checkpoint
+from fastckpt.formats._hdf5 import (
+    check_global_heaps,
+    content_nodes,
+    group_attrs,
+    h5_fallback,
+    h5_tensors,
+)
+from fastckpt.formats._reading import Checkpoint, Groups
 from fastckpt.formats.weights_h5 import nodes, tensors
 
 if TYPE_CHECKING:
     from fastckpt._walk import SavePlan
+    from fastckpt.formats import Contents
 
 
 def members(
@@ -61,6 +70,58 @@ def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
 
 
 WEIGHTS_MEMBER = "model.weights.h5"
+
+
+def plan_contents(contents: Contents) -> list[_fastckpt.PlannedFile]:
+    if contents.model_config is None:
+        raise ValueError(
+            f"A `.keras` file needs the model's config, and the source holds none (it has "
+            f"weights only): convert it to `.weights.h5` or `.safetensors` instead. "
+            f"Received: path={contents.path!r}"
+        )
+    keras_metadata = contents.keras_metadata or json.dumps(
+        {
+            "keras_version": contents.metadata.get("keras_version", "3"),
+            "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+        }
+    )
+    before = [
+        ("metadata.json", keras_metadata.encode()),
+        ("config.json", contents.model_config.encode()),
+    ]
+    names = [name for name, _ in contents.tensors]
+    nodes = content_nodes(contents.groups, names, contents.dtypes)
+    return [
+        _fastckpt.plan_keras(
+            contents.path,
+            contents.tensors,
+            nodes,
+            before,
+            contents.assets,
+            weights_name=WEIGHTS_MEMBER,
+        )
+    ]
+
+
+def extras(path: str) -> Groups:
+    """The weights member's groups, `metadata.json` and the `assets/...` members (each
+    read into memory: assets are small files, vocabularies and the like)."""
+    with zipfile.ZipFile(path) as zf:
+        check_zip_members(path, zf)
+        names = zf.namelist()
+        meta = zf.read("metadata.json").decode("utf8") if "metadata.json" in names else None
+        assets = [(n, zf.read(n)) for n in names if n.startswith("assets/") and not n.endswith("/")]
+        info = zf.getinfo(WEIGHTS_MEMBER)
+        if info.compress_type == zipfile.ZIP_STORED:
+            base = _member_data_offset(path, info)
+            check_global_heaps(path)
+            with MemberWindow(path, base, info.file_size) as member, h5py.File(member, "r") as f:
+                groups = group_attrs(f)
+        else:
+            # A compressed member cannot be scanned for malformed heaps (which string
+            # attributes are read through): its groups' attributes are left behind.
+            groups = []
+    return Groups(groups, meta, assets)
 
 
 def _member_data_offset(path: str, info: zipfile.ZipInfo) -> int:

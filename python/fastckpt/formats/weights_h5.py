@@ -14,11 +14,20 @@ import numpy as np
 from fastckpt import _fastckpt
 from fastckpt._errors import CheckpointContentError
 from fastckpt.formats import EXTRA_GROUP, SaveRequest
-from fastckpt.formats._hdf5 import attr, dataset_attrs, h5_fallback, h5_tensors
-from fastckpt.formats._reading import Checkpoint
+from fastckpt.formats._hdf5 import (
+    attr,
+    check_global_heaps,
+    content_nodes,
+    dataset_attrs,
+    group_attrs,
+    h5_fallback,
+    h5_tensors,
+)
+from fastckpt.formats._reading import Checkpoint, Groups
 
 if TYPE_CHECKING:
     from fastckpt._walk import SavePlan
+    from fastckpt.formats import Contents
 
 
 def nodes(plan: SavePlan, arrays: Sequence[np.ndarray]) -> list[_fastckpt.Node]:
@@ -70,3 +79,15 @@ def _text(value: object) -> str:
     if isinstance(value, str):
         return value
     raise CheckpointContentError(f"root attribute of type {type(value).__name__}: not text")
+
+
+def plan_contents(contents: Contents) -> list[_fastckpt.PlannedFile]:
+    names = [name for name, _ in contents.tensors]
+    nodes = content_nodes(contents.groups, names, contents.dtypes)
+    return [_fastckpt.plan_hdf5(contents.path, contents.tensors, nodes)]
+
+
+def extras(path: str) -> Groups:
+    check_global_heaps(path)
+    with h5py.File(path, "r") as f:
+        return Groups(group_attrs(f))

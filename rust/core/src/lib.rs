@@ -14,9 +14,10 @@ pub mod host;
 pub mod io;
 pub mod job;
 pub mod layout;
+pub mod source;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use job::{Job, Output, WriteReport};
 pub use layout::{Digest, Layout, PlannedFile, Region, Slot};
-pub use tensor::{DType, Tensor, TensorBytes};
+pub use tensor::{DType, Payload, Tensor, TensorBytes};

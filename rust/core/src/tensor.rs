@@ -1,6 +1,9 @@
-//! Host tensors as the writer sees them: a name, a dtype, a shape and borrowed bytes.
+//! Host tensors as the writer sees them: a name, a dtype, a shape and their bytes, which
+//! are borrowed from memory (a snapshot) or read piece by piece from elsewhere while the
+//! file is written (a conversion copying from another checkpoint, see [`crate::source`]).
 
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -92,13 +95,49 @@ impl TensorBytes for Vec<u8> {
     }
 }
 
+/// Where a tensor's bytes come from while it is written: memory, or a source read piece by
+/// piece (so that copying a checkpoint never holds all of it in memory).
+pub trait Payload: Send + Sync {
+    /// The payload's length in bytes.
+    fn len(&self) -> u64;
+    /// Whether the payload is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The bytes, when they are all in memory.
+    fn in_memory(&self) -> Option<&[u8]> {
+        None
+    }
+    /// Bytes `[start, start + out.len())`, copied into `out`.
+    fn read_at(&self, start: u64, out: &mut [u8]) -> io::Result<()>;
+}
+
+/// Memory payloads are served from memory.
+struct InMemory(Arc<dyn TensorBytes>);
+
+impl Payload for InMemory {
+    fn len(&self) -> u64 {
+        self.0.bytes().len() as u64
+    }
+
+    fn in_memory(&self) -> Option<&[u8]> {
+        Some(self.0.bytes())
+    }
+
+    fn read_at(&self, start: u64, out: &mut [u8]) -> io::Result<()> {
+        let start = start as usize;
+        out.copy_from_slice(&self.0.bytes()[start..start + out.len()]);
+        Ok(())
+    }
+}
+
 /// One named tensor: C-order, native (little-endian) bytes.
 #[derive(Clone)]
 pub struct Tensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    data: Arc<dyn TensorBytes>,
+    data: Arc<dyn Payload>,
 }
 
 impl fmt::Debug for Tensor {
@@ -120,12 +159,23 @@ impl Tensor {
         shape: Vec<u64>,
         data: Arc<dyn TensorBytes>,
     ) -> Result<Tensor> {
+        Tensor::from_payload(name, dtype, shape, Arc::new(InMemory(data)))
+    }
+
+    /// Builds a tensor whose bytes come from `data`, checking its length against `dtype`
+    /// and `shape`.
+    pub fn from_payload(
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        data: Arc<dyn Payload>,
+    ) -> Result<Tensor> {
         let name = name.into();
         let expected = shape
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| Error::invalid(format!("{name}: shape {shape:?} overflows")))?;
-        let actual = data.bytes().len() as u64;
+        let actual = data.len();
         if expected != actual {
             return Err(Error::invalid(format!(
                 "{name}: {actual} bytes do not match dtype {dtype} and shape {shape:?} \
@@ -150,12 +200,36 @@ impl Tensor {
         Tensor::new(name, dtype, shape, Arc::new(data))
     }
 
+    /// The bytes of a tensor held in memory; panics for one read from a source (tests and
+    /// in-memory callers only).
     pub fn bytes(&self) -> &[u8] {
-        self.data.bytes()
+        self.data
+            .in_memory()
+            .expect("the tensor's bytes are not in memory")
+    }
+
+    /// The bytes, when they are in memory.
+    pub fn in_memory(&self) -> Option<&[u8]> {
+        self.data.in_memory()
+    }
+
+    /// Bytes `[start, start + len)`: borrowed when in memory, else read into `scratch`.
+    pub fn piece<'a>(
+        &'a self,
+        start: usize,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> io::Result<&'a [u8]> {
+        if let Some(bytes) = self.data.in_memory() {
+            return Ok(&bytes[start..start + len]);
+        }
+        scratch.resize(len, 0);
+        self.data.read_at(start as u64, scratch)?;
+        Ok(&scratch[..])
     }
 
     pub fn nbytes(&self) -> u64 {
-        self.data.bytes().len() as u64
+        self.data.len()
     }
 }
 

@@ -9,6 +9,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors::to_py_err;
+use crate::sources::PySourceTensor;
 
 /// A numpy array's bytes, kept alive by a reference to the array.
 struct ArrayBytes {
@@ -83,11 +84,17 @@ fn array_fields(arr: &Bound<'_, PyUntypedArray>) -> (*mut std::ffi::c_char, i32)
 }
 
 /// Converts `(name, array)` pairs. Arrays must be numpy, C-contiguous and of a dtype a
-/// checkpoint can hold; errors name the tensor.
+/// checkpoint can hold, or `SourceTensor`s (read from their file as they are written);
+/// errors name the tensor.
 pub fn tensors_from_py(items: Vec<(String, Bound<'_, PyAny>)>) -> PyResult<Vec<Tensor>> {
     items
         .into_iter()
         .map(|(name, obj)| {
+            if let Ok(source) = obj.cast::<PySourceTensor>() {
+                let s = source.get();
+                return Tensor::from_payload(name, s.dtype, s.shape.clone(), s.payload.clone())
+                    .map_err(|e| to_py_err(&e));
+            }
             let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
                 PyTypeError::new_err(format!(
                     "cannot save {name}: expected a numpy array, got {}",

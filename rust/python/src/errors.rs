@@ -22,6 +22,10 @@ pub fn to_py_err(err: &Error) -> PyErr {
                 format!("{} (while trying to {op})", strip_os_suffix(source)),
                 path.to_string_lossy().into_owned(),
             )),
+            // A damaged source found while a file was written from it (a conversion).
+            None if source.kind() == std::io::ErrorKind::InvalidData => {
+                classes::CheckpointContentError::new_err(err.to_string())
+            }
             None => classes::CheckpointError::new_err(err.to_string()),
         },
         Error::InvalidInput(_) | Error::Corrupt { .. } => {

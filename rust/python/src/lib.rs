@@ -12,6 +12,7 @@ mod nodes;
 mod options;
 mod planned;
 mod reading;
+mod sources;
 mod testing;
 
 use fastckpt_core::io;
@@ -19,30 +20,40 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// The module's public names (the stub's `__all__`).
-const PUBLIC: [&str; 23] = [
+const PUBLIC: [&str; 33] = [
     "DEFAULT_BACKGROUND_THREADS",
     "DEFAULT_THREADS",
     "DTYPES",
+    "ZSTD_DEFAULT_LEVEL",
     "Attr",
     "HeaderTensor",
     "Job",
     "Node",
     "PlannedFile",
+    "Progress",
+    "SourceFile",
+    "SourceTensor",
     "WriteOptions",
     "WriteReport",
     "copy_into",
     "crc32_of_range",
+    "crc32c",
+    "crc32c_of_frames",
+    "crc32c_of_ranges",
     "is_temp_name",
     "plan_bytes",
     "plan_hdf5",
     "plan_keras",
     "plan_safetensors",
+    "plan_zstd",
     "prefault",
     "read_into",
+    "read_zstd_into",
     "reserve_spare",
     "safetensors_header",
     "sweep_stale_temps",
     "write",
+    "zstd_header",
 ];
 
 #[pymodule]
@@ -54,6 +65,15 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<nodes::PyNode>()?;
     m.add_class::<nodes::PyAttr>()?;
     m.add_class::<reading::PyHeaderTensor>()?;
+    m.add_class::<sources::PySourceFile>()?;
+    m.add_class::<sources::PySourceTensor>()?;
+    m.add_class::<sources::PyProgress>()?;
+    m.add_function(wrap_pyfunction!(planned::plan_zstd, m)?)?;
+    m.add_function(wrap_pyfunction!(reading::read_zstd_into, m)?)?;
+    m.add_function(wrap_pyfunction!(reading::crc32c_of_ranges, m)?)?;
+    m.add_function(wrap_pyfunction!(reading::crc32c_of_frames, m)?)?;
+    m.add_function(wrap_pyfunction!(reading::crc32c, m)?)?;
+    m.add_function(wrap_pyfunction!(reading::zstd_header, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_hdf5, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_keras, m)?)?;
@@ -77,6 +97,10 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
         dtypes.set_item(d.numpy_name(), d.size())?;
     }
     m.add("DTYPES", dtypes)?;
+    m.add(
+        "ZSTD_DEFAULT_LEVEL",
+        fastckpt_core::format::zstd::DEFAULT_LEVEL,
+    )?;
     m.add("__all__", PUBLIC.to_vec())?;
     testing::register(m)
 }

@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::job::{PyJob, When};
+use crate::sources::PyProgress;
 
 /// `threads` as given, or the default; at least 1.
 pub fn thread_count(threads: Option<usize>, default: usize) -> PyResult<usize> {
@@ -35,12 +36,13 @@ pub struct PyWriteOptions {
     direct_io: bool,
     #[pyo3(get)]
     previous_suffix: Option<String>,
+    progress: Option<Py<PyProgress>>,
 }
 
 #[pymethods]
 impl PyWriteOptions {
     #[new]
-    #[pyo3(signature = (*, threads=None, background=false, queue_after=Vec::new(), reuse=None, keep_replaced=false, direct_io=true, previous_suffix=None))]
+    #[pyo3(signature = (*, threads=None, background=false, queue_after=Vec::new(), reuse=None, keep_replaced=false, direct_io=true, previous_suffix=None, progress=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         threads: Option<usize>,
@@ -50,6 +52,7 @@ impl PyWriteOptions {
         keep_replaced: bool,
         direct_io: bool,
         previous_suffix: Option<String>,
+        progress: Option<Py<PyProgress>>,
     ) -> PyResult<Self> {
         thread_count(threads, 1)?;
         if !queue_after.is_empty() && !background {
@@ -65,6 +68,7 @@ impl PyWriteOptions {
             keep_replaced,
             direct_io,
             previous_suffix,
+            progress,
         })
     }
 }
@@ -84,6 +88,9 @@ impl PyWriteOptions {
         opts.reuse = self.reuse.clone();
         opts.keep_replaced = self.keep_replaced;
         opts.previous_suffix = self.previous_suffix.clone();
+        if let Some(p) = &self.progress {
+            opts.progress = p.get().inner.clone();
+        }
         opts
     }
 
@@ -107,6 +114,7 @@ impl PyWriteOptions {
             keep_replaced: false,
             direct_io: true,
             previous_suffix: None,
+            progress: None,
         }
     }
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use fastckpt_core::format::zip::{self, Member, ZipOptions};
-use fastckpt_core::format::{hdf5, safetensors};
-use fastckpt_core::io::{self, SetFile};
+use fastckpt_core::format::{hdf5, safetensors, zstd};
+use fastckpt_core::io::{self, Body, SetFile};
 use fastckpt_core::{Layout, Output, PlannedFile, Region, Tensor};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -22,8 +22,17 @@ use crate::options::PyWriteOptions;
 /// What a `PlannedFile` holds until it is written.
 struct Planned {
     target: PathBuf,
-    layout: Box<dyn Layout>,
-    tensors: Vec<Tensor>,
+    content: Content,
+}
+
+enum Content {
+    /// Every offset decided: the payloads go out in parallel, the metadata last.
+    Laid {
+        layout: Box<dyn Layout>,
+        tensors: Vec<Tensor>,
+    },
+    /// Laid out as it is written (a compressed container); it owns its tensors.
+    Streamed(Box<dyn Body>),
 }
 
 /// A file planned to the byte, waiting for `write`: it owns the arrays it will write.
@@ -31,7 +40,7 @@ struct Planned {
 pub struct PyPlannedFile {
     #[pyo3(get)]
     path: PathBuf,
-    /// The file's length in bytes.
+    /// The file's length in bytes (for a compressed container, the most it can take).
     #[pyo3(get)]
     length: u64,
     planned: Mutex<Option<Planned>>,
@@ -51,8 +60,21 @@ impl PyPlannedFile {
             length: layout.file_len(),
             planned: Mutex::new(Some(Planned {
                 target,
-                layout: Box::new(layout),
-                tensors,
+                content: Content::Laid {
+                    layout: Box::new(layout),
+                    tensors,
+                },
+            })),
+        }
+    }
+
+    fn streamed(target: PathBuf, body: impl Body + 'static) -> Self {
+        PyPlannedFile {
+            path: target.clone(),
+            length: body.max_len(),
+            planned: Mutex::new(Some(Planned {
+                target,
+                content: Content::Streamed(Box::new(body)),
             })),
         }
     }
@@ -77,6 +99,21 @@ pub fn plan_safetensors(
     let tensors = tensors_from_py(tensors)?;
     let layout = safetensors::plan(&tensors, metadata).map_err(|e| to_py_err(&e))?;
     Ok(PyPlannedFile::new(path, layout, tensors))
+}
+
+/// Plans a zstd container (`.zst.safetensors`): each tensor one zstd frame, compressed in
+/// parallel as the file is written.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata, *, level=zstd::DEFAULT_LEVEL))]
+pub fn plan_zstd(
+    path: PathBuf,
+    tensors: Vec<(String, Bound<'_, PyAny>)>,
+    metadata: BTreeMap<String, String>,
+    level: i32,
+) -> PyResult<PyPlannedFile> {
+    let tensors = tensors_from_py(tensors)?;
+    let body = zstd::ZstdBody::new(tensors, metadata, level).map_err(|e| to_py_err(&e))?;
+    Ok(PyPlannedFile::streamed(path, body))
 }
 
 fn hdf5_layout(
@@ -169,22 +206,32 @@ pub fn write(
     let effort = opts.width.effort.clone();
     let work = move || {
         if let [one] = planned.as_slice() {
-            let written =
-                io::write_file_keeping(&one.target, one.layout.as_ref(), &one.tensors, &opts)?;
+            let written = match &one.content {
+                Content::Laid { layout, tensors } => {
+                    io::write_file_keeping(&one.target, layout.as_ref(), tensors, &opts)?
+                }
+                Content::Streamed(body) => io::write_body(&one.target, body.as_ref(), &opts)?,
+            };
             return Ok(Output {
                 paths: vec![one.target.clone()],
                 bytes: written.len,
                 kept: written.kept,
             });
         }
-        let set: Vec<SetFile> = planned
+        let set = planned
             .iter()
-            .map(|p| SetFile {
-                target: &p.target,
-                layout: p.layout.as_ref(),
-                tensors: &p.tensors,
+            .map(|p| match &p.content {
+                Content::Laid { layout, tensors } => Ok(SetFile {
+                    target: &p.target,
+                    layout: layout.as_ref(),
+                    tensors,
+                }),
+                Content::Streamed(_) => Err(fastckpt_core::Error::invalid(format!(
+                    "{}: a compressed container is written alone, not in a set",
+                    p.target.display()
+                ))),
             })
-            .collect();
+            .collect::<fastckpt_core::Result<Vec<SetFile>>>()?;
         let written = io::write_set(&set, &opts)?;
         // The record (the last file) is the main one: first.
         let mut paths: Vec<PathBuf> = planned.iter().map(|p| p.target.clone()).collect();

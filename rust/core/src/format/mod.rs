@@ -4,3 +4,5 @@
 pub mod hdf5;
 pub mod safetensors;
 pub mod zip;
+pub mod zstd;
+pub mod zstd_decode;

@@ -19,6 +19,7 @@ pub const CHECKSUM_KEY: &str = "fastckpt.crc32c";
 /// Headers larger than this are refused when reading (safetensors itself uses 100 MB).
 pub const MAX_HEADER: u64 = 100_000_000;
 
+/// The SafeTensors name of a dtype (`F32`, `BF16`, ...).
 pub fn dtype_code(d: DType) -> &'static str {
     match d {
         DType::Bool => "BOOL",
@@ -37,7 +38,8 @@ pub fn dtype_code(d: DType) -> &'static str {
     }
 }
 
-fn dtype_from_code(code: &str) -> Option<DType> {
+/// The dtype a SafeTensors name stands for.
+pub fn dtype_from_code(code: &str) -> Option<DType> {
     DType::ALL.into_iter().find(|&d| dtype_code(d) == code)
 }
 
@@ -207,6 +209,13 @@ pub struct Header {
 
 /// Reads and validates the header of the SafeTensors file at `path`.
 pub fn read_header(path: &Path) -> Result<Header> {
+    let (head, len) = read_raw_header(path)?;
+    parse_header(path, &head, len)
+}
+
+/// The first `8 + n` bytes of the SafeTensors file at `path` (its header, `n` checked
+/// against the file's size), and the file's size.
+pub fn read_raw_header(path: &Path) -> Result<(Vec<u8>, u64)> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
     let len = file
@@ -222,7 +231,7 @@ pub fn read_header(path: &Path) -> Result<Header> {
     (&file)
         .read_exact(&mut head[8..])
         .map_err(|e| Error::io("read", path, e))?;
-    parse_header(path, &head, len)
+    Ok((head, len))
 }
 
 /// Parses and validates a header. `head` holds at least the file's first `8 + n` bytes when

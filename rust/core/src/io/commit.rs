@@ -6,6 +6,8 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::direct::DirectFile;
 use super::fault::{self, Stage};
@@ -36,6 +38,23 @@ pub struct WriteOptions {
     /// just before the rename, replacing an older one): the previous version, for readers
     /// that fall back to it (Keras's `BackupAndRestore(double_checkpoint=True)` `.bkp`).
     pub previous_suffix: Option<String>,
+    /// Counts the payload bytes written so far, for a progress report.
+    pub progress: Progress,
+}
+
+/// A count of bytes done that another thread may read while a write or a read runs.
+/// Clones share one count.
+#[derive(Clone, Debug, Default)]
+pub struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    pub fn add(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// What [`write_file_keeping`] did.
@@ -65,6 +84,7 @@ impl Default for WriteOptions {
             reuse: None,
             keep_replaced: false,
             previous_suffix: None,
+            progress: Progress::default(),
         }
     }
 }
@@ -87,21 +107,60 @@ pub fn write_file_keeping(
     opts: &WriteOptions,
 ) -> Result<Written> {
     check_layout(layout, tensors)?;
+    write_via(target, opts, |temp, reused| {
+        write_temp(temp, target, layout, tensors, opts, reused)
+    })
+}
+
+/// A file whose layout is known only as it is written (a compressed container: where each
+/// payload goes depends on how small the ones before it compressed).
+pub trait Body: Send + Sync {
+    /// At least the file's final length: reserved before anything is written, so that a
+    /// full disk fails early; the file is cut to its real length at the end.
+    fn max_len(&self) -> u64;
+    /// Writes the whole file into `file` with positioned writes; returns its length.
+    /// Errors name `target`.
+    fn write(&self, file: &File, target: &Path, opts: &WriteOptions) -> Result<u64>;
+}
+
+/// Writes `body` to `target` durably and atomically, as [`write_file_keeping`] writes a
+/// planned file.
+pub fn write_body(target: &Path, body: &dyn Body, opts: &WriteOptions) -> Result<Written> {
+    write_via(target, opts, |temp, reused| {
+        let file = open_temp(temp, target, reused)?;
+        reserve(&file, body.max_len()).map_err(|e| Error::io("reserve space for", target, e))?;
+        let len = body.write(&file, target, opts)?;
+        file.set_len(len)
+            .map_err(|e| Error::io("truncate the temp file of", target, e))?;
+        fault::check(Stage::Fsync)
+            .and_then(|_| file.sync_data())
+            .map_err(|e| Error::io("fdatasync the temp file of", target, e))?;
+        Ok(len)
+    })
+}
+
+/// The steps around writing a temp file: the folder checked and swept, the temp file chosen
+/// (a kept one when `opts.reuse` allows), `fill` writing it, the commit; on failure the
+/// temp file is removed.
+fn write_via(
+    target: &Path,
+    opts: &WriteOptions,
+    fill: impl FnOnce(&Path, bool) -> Result<u64>,
+) -> Result<Written> {
     let dir = folder_of(target)?;
     sweep_stale_temps(&dir);
     let reused = opts.reuse.as_deref().filter(|p| reusable(p, &dir));
     let temp = reused.map_or_else(|| temp_path_for(target), Path::to_path_buf);
-    let result =
-        write_temp(&temp, target, layout, tensors, opts, reused.is_some()).and_then(|len| {
-            let kept = commit(
-                &temp,
-                target,
-                &dir,
-                opts.keep_replaced,
-                opts.previous_suffix.as_deref(),
-            )?;
-            Ok(Written { len, kept })
-        });
+    let result = fill(&temp, reused.is_some()).and_then(|len| {
+        let kept = commit(
+            &temp,
+            target,
+            &dir,
+            opts.keep_replaced,
+            opts.previous_suffix.as_deref(),
+        )?;
+        Ok(Written { len, kept })
+    });
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
@@ -184,28 +243,14 @@ pub(crate) fn write_temp(
     opts: &WriteOptions,
     reused: bool,
 ) -> Result<u64> {
-    let file = if reused {
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(temp)
-            .map_err(|e| Error::io("open the kept file beside", target, e))?
-    } else {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o666)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(temp)
-            .map_err(|e| Error::io("create a temp file beside", target, e))?
-    };
+    let file = open_temp(temp, target, reused)?;
     let len = layout.file_len();
     reserve(&file, len).map_err(|e| Error::io("reserve space for", target, e))?;
 
     let slots = layout.slots();
     let items: Vec<(u64, usize)> = slots
         .iter()
-        .map(|s| (s.offset, tensors[s.tensor].bytes().len()))
+        .map(|s| (s.offset, tensors[s.tensor].nbytes() as usize))
         .collect();
     let pieces = plan_pieces(&items, true);
     let digests = Digests::new(layout.digest(), slots.len());
@@ -217,27 +262,30 @@ pub(crate) fn write_temp(
     run_pieces_with(&pieces, &opts.width, |piece| {
         fault::delay();
         fault::check(Stage::Write)?;
-        let bytes_of = |e: &super::parallel::Extent| {
-            &tensors[slots[e.item].tensor].bytes()[e.start..e.start + e.len]
-        };
+        // Payloads that are not in memory (a conversion's source) are read into here.
+        let mut scratch = Vec::new();
         if let [e] = piece.extents.as_slice() {
-            let bytes = bytes_of(e);
+            let bytes = tensors[slots[e.item].tensor].piece(e.start, e.len, &mut scratch)?;
             match &direct {
                 Some(d) => d.write_all_at(&file, bytes, e.offset)?,
                 None => file.write_all_at(bytes, e.offset)?,
             }
             digests.record(e.item, e.start, bytes);
+            opts.progress.add(e.len as u64);
             return Ok(());
         }
         // A batch of small payloads: gather them (gaps stay zero) and write once.
         let mut buf = vec![0u8; piece.span as usize];
         for e in &piece.extents {
             let at = (e.offset - piece.offset) as usize;
-            let bytes = bytes_of(e);
+            let bytes = tensors[slots[e.item].tensor].piece(e.start, e.len, &mut scratch)?;
             buf[at..at + e.len].copy_from_slice(bytes);
             digests.record(e.item, e.start, bytes);
         }
-        file.write_all_at(&buf, piece.offset)
+        file.write_all_at(&buf, piece.offset)?;
+        opts.progress
+            .add(piece.extents.iter().map(|e| e.len as u64).sum());
+        Ok(())
     })
     .map_err(|e| Error::io("write", target, e))?;
 
@@ -268,6 +316,25 @@ pub(crate) fn write_temp(
         .and_then(|_| file.sync_data())
         .map_err(|e| Error::io("fdatasync the temp file of", target, e))?;
     Ok(len)
+}
+
+/// Opens the temp file a write fills: a new one, or the kept file it reuses.
+fn open_temp(temp: &Path, target: &Path, reused: bool) -> Result<File> {
+    if reused {
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(temp)
+            .map_err(|e| Error::io("open the kept file beside", target, e))
+    } else {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(temp)
+            .map_err(|e| Error::io("create a temp file beside", target, e))
+    }
 }
 
 /// Makes a temp file beside `target` holding `len` bytes of reserved space (zeros), for a

@@ -10,12 +10,16 @@ mod read;
 mod set;
 mod temp;
 
-pub use commit::{reserve_spare, write_file, write_file_keeping, WriteOptions, Written};
+pub use commit::{
+    reserve_spare, write_body, write_file, write_file_keeping, Body, Progress, WriteOptions,
+    Written,
+};
 pub(crate) use parallel::background_priority;
 pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
+pub(crate) use parallel::{run_pieces_with, Extent, Piece};
 pub use parallel::{Effort, Width};
-pub use read::{crc32_of_range, read_into, ReadItem};
+pub use read::{crc32_of_range, digests_of_ranges, read_into, ReadItem};
 pub use set::{write_set, SetFile, SetWritten};
 pub use temp::{is_temp_name, sweep_stale_temps, temp_path_for};
 

@@ -33,6 +33,7 @@ pub unsafe fn read_into(
     items: &[ReadItem],
     threads: usize,
     digest: Digest,
+    progress: Option<&super::Progress>,
 ) -> Result<Vec<u32>> {
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let size = file
@@ -66,6 +67,9 @@ pub unsafe fn read_into(
             if digests.wanted() {
                 digests.record(e.item, e.start, dest);
             }
+            if let Some(p) = progress {
+                p.add(e.len as u64);
+            }
         }
         Ok(())
     })
@@ -81,21 +85,40 @@ pub unsafe fn read_into(
 /// combined in order: a stored zip member can be checked without streaming it through one
 /// thread.
 pub fn crc32_of_range(path: &Path, offset: u64, len: u64, threads: usize) -> Result<u32> {
+    let sums = digests_of_ranges(path, &[(offset, len)], threads, Digest::Crc32, None)?;
+    Ok(sums[0])
+}
+
+/// The digest of each `(offset, len)` range of the file, read in parallel 1 MiB at a time:
+/// checksums of a checkpoint's payloads in bounded memory. `progress` counts the bytes.
+pub fn digests_of_ranges(
+    path: &Path,
+    ranges: &[(u64, u64)],
+    threads: usize,
+    digest: Digest,
+    progress: Option<&super::Progress>,
+) -> Result<Vec<u32>> {
     const CHUNK: usize = 1 << 20;
     let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
     let size = file
         .metadata()
         .map_err(|e| Error::io("stat", path, e))?
         .len();
-    if offset.checked_add(len).is_none_or(|end| end > size) {
-        return Err(Error::corrupt(
-            path,
-            format!("{len} bytes at offset {offset} lie past the end of the file ({size} bytes)"),
-        ));
+    let mut spans = Vec::with_capacity(ranges.len());
+    for &(offset, len) in ranges {
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::corrupt(
+                path,
+                format!(
+                    "{len} bytes at offset {offset} lie past the end of the file ({size} bytes)"
+                ),
+            ));
+        }
+        let len = usize::try_from(len).map_err(|_| Error::corrupt(path, "range too large"))?;
+        spans.push((offset, len));
     }
-    let len = usize::try_from(len).map_err(|_| Error::corrupt(path, "range too large"))?;
-    let pieces = plan_pieces(&[(offset, len)], false);
-    let digests = Digests::new(Digest::Crc32, 1);
+    let pieces = plan_pieces(&spans, false);
+    let digests = Digests::new(digest, ranges.len());
     run_pieces(&pieces, threads, |piece| {
         let mut buf = vec![0u8; CHUNK.min(piece.span as usize)];
         for e in &piece.extents {
@@ -103,14 +126,17 @@ pub fn crc32_of_range(path: &Path, offset: u64, len: u64, threads: usize) -> Res
             while done < e.len {
                 let n = buf.len().min(e.len - done);
                 file.read_exact_at(&mut buf[..n], e.offset + done as u64)?;
-                digests.record(0, e.start + done, &buf[..n]);
+                digests.record(e.item, e.start + done, &buf[..n]);
                 done += n;
+            }
+            if let Some(p) = progress {
+                p.add(e.len as u64);
             }
         }
         Ok(())
     })
     .map_err(|e| Error::io("read", path, e))?;
-    Ok(digests.finish()[0])
+    Ok(digests.finish())
 }
 
 #[cfg(test)]
