@@ -36,6 +36,7 @@ pub struct PyWriteOptions {
     direct_io: bool,
     #[pyo3(get)]
     previous_suffix: Option<String>,
+    #[pyo3(get)]
     progress: Option<Py<PyProgress>>,
 }
 
