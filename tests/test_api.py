@@ -268,6 +268,6 @@ def test_tensors_read_start_on_the_boundary_at_which_assigns_adopt_them(tmp_path
     path = tmp_path / "t.safetensors"
     safetensors.numpy.save_file({"t": value}, str(path))
     (read,) = formats.open_checkpoint(str(path)).read(["t"]).values()
-    assert read.ctypes.data % 64 == 0
+    assert read.size == 0 or read.ctypes.data % 64 == 0  # (an empty array has no data)
     assert read.dtype == value.dtype and read.shape == shape
     np.testing.assert_array_equal(read, value)
