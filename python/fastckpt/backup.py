@@ -149,13 +149,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        previous = f"{self._weights_path}{PREVIOUS_SUFFIX}"
-        previous_metadata = f"{self._training_metadata_path}{PREVIOUS_SUFFIX}"
         try:
             self._restore(self._weights_path, self._training_metadata_path)
-            fell_back = False
         except (OSError, CheckpointContentError) as e:
-            # As Keras: an unreadable latest backup gives way to the previous one.
+            # As Keras: an unreadable latest backup gives way to the previous one, which
+            # takes its place (so that the next backup does not keep the bad one as
+            # previous). Every process fails alike, on the same files.
+            previous = f"{self._weights_path}{PREVIOUS_SUFFIX}"
             if not os.path.exists(previous):
                 raise
             warnings.warn(
@@ -163,18 +163,17 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"resuming from the previous backup, {previous}",
                 stacklevel=2,
             )
-            self._restore(previous, previous_metadata)
-            fell_back = True
-        # Every process has read the backup before process 0 changes the folder.
+            if _processes.is_writer():
+                _replace_with_copy(previous, self._weights_path)
+                metadata = f"{self._training_metadata_path}{PREVIOUS_SUFFIX}"
+                if os.path.exists(metadata):
+                    _replace_with_copy(metadata, self._training_metadata_path)
+                elif os.path.exists(self._training_metadata_path):
+                    os.remove(self._training_metadata_path)
+            _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) fell back")
+            self._restore(self._weights_path, self._training_metadata_path)
+        # Every process has read the backup before process 0 writes the next one.
         _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) restored")
-        if fell_back and _processes.is_writer():
-            # The previous backup takes the latest's place, so that the next backup does
-            # not keep the bad one as previous.
-            _replace_with_copy(previous, self._weights_path)
-            if os.path.exists(previous_metadata):
-                _replace_with_copy(previous_metadata, self._training_metadata_path)
-            elif os.path.exists(self._training_metadata_path):
-                os.remove(self._training_metadata_path)
         if self.save_on_background:
             folder_exists = os.path.isdir(self.backup_dir)
             prepared = api.prepare(
