@@ -27,6 +27,12 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 RENAME = re.compile(r'^\d+\s+rename\w*\((?:\w+, )?"([^"]+)", (?:\w+, )?"([^"]+)"', re.M)
 
 
+def traced(trace: Path, script: Path, *args: str) -> list[str]:
+    """The command that runs `script` under `strace -f`, its renames logged to `trace`."""
+    strace = ["strace", "-f", "-qq", "-e", "trace=rename,renameat,renameat2", "-o", str(trace)]
+    return [*strace, sys.executable, str(script), *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,21 +50,7 @@ def run_pair(scenario: str, folder: Path, tmp_path: Path) -> tuple[list[list[dic
         traces.append(trace)
         procs.append(
             subprocess.Popen(
-                [
-                    "strace",
-                    "-f",
-                    "-qq",
-                    "-e",
-                    "trace=rename,renameat,renameat2",
-                    "-o",
-                    str(trace),
-                    sys.executable,
-                    str(WORKER),
-                    scenario,
-                    str(process),
-                    str(port),
-                    str(folder),
-                ],
+                traced(trace, WORKER, scenario, str(process), str(port), str(folder)),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -180,18 +172,7 @@ def test_a_variable_split_over_processes_is_refused_on_every_process(tmp_path):
 def test_mirrored_strategy_saves_each_variable_once_and_restores_under_it(tmp_path):
     trace = tmp_path / "mirrored.strace"
     out = subprocess.run(
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-e",
-            "trace=rename,renameat,renameat2",
-            "-o",
-            str(trace),
-            sys.executable,
-            str(WORKER.with_name("mirrored_worker.py")),
-            str(tmp_path),
-        ],
+        traced(trace, WORKER.with_name("mirrored_worker.py"), str(tmp_path)),
         capture_output=True,
         text=True,
         timeout=240,

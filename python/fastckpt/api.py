@@ -239,22 +239,9 @@ def save(
         ValueError: a path, format or compression that cannot be written, or a model not
             built yet for a weights-only format.
     """
-    if background:
-        return start_save(
-            model,
-            path,
-            include_optimizer=include_optimizer,
-            overwrite=overwrite,
-            background=True,
-            threads=threads,
-            weights_only=weights_only,
-            format=format,
-            max_shard_size=max_shard_size,
-            compression=compression,
-        )
     with contextlib.ExitStack() as stack:
         progress = None
-        if verbose:
+        if verbose and not background:
             reporter = stack.enter_context(Reporter(f"saving {os.fspath(path)}"))
             reporter.total = plan_bytes(plan_for(model, include_optimizer))
             progress = reporter.progress
@@ -263,6 +250,7 @@ def save(
             path,
             include_optimizer=include_optimizer,
             overwrite=overwrite,
+            background=background,
             threads=threads,
             weights_only=weights_only,
             format=format,
@@ -270,6 +258,8 @@ def save(
             compression=compression,
             progress=progress,
         )
+        if background:
+            return job
         if _processes.count() == 1:
             return job.result()
         # Every process returns once process 0's files are durable, or raises if not.
