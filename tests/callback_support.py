@@ -15,6 +15,7 @@ import dataclasses
 import io
 import os
 import re
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,11 @@ def fit_with(
             if wait is not None:
                 with contextlib.suppress(Exception):
                     wait()
+            # The kept files are removed off the training thread once `fit` ends (nothing
+            # waits for it): let that finish before the files are listed.
+            for thread in threading.enumerate():
+                if thread.name == "fastckpt-spares":
+                    thread.join()
     final = workdir / keep_as
     os.rename(run_dir, final)
     return Run(

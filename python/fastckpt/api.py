@@ -11,9 +11,8 @@ from typing import Any, Literal, overload
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, formats
+from fastckpt import _fastckpt, _keras_private, _restore, formats
 from fastckpt._errors import CheckpointContentError
-from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot, snapshotter_for
 from fastckpt._walk import SavePlan, plan_for
 
@@ -313,7 +312,9 @@ def plan_bytes(plan: SavePlan) -> int:
     for entry in plan.entries:
         source = entry.source
         if isinstance(source, keras.Variable):
-            dtype = formats.numpy_dtype(keras.backend.standardize_dtype(source.dtype))
+            # What a save writes is what the variable holds (float32 for a float64 one
+            # under JAX with x64 off), as Keras's files do.
+            dtype = formats.numpy_dtype(_restore.held_dtype(source))
             total += int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
     return total
 
@@ -377,24 +378,37 @@ def load(model: keras.Model, path: str | os.PathLike[str], *, threads: int | Non
                 if part
             )
         )
+    # How each variable takes the file's dtype ("cast" or "fits", see `_restore.accepts`),
+    # decided for all of them before anything is read.
+    ways: dict[str, tuple[np.dtype, str]] = {}
     for name, entry in wanted.items():
         info = checkpoint.tensors[name]
-        have = _value_spec(entry.source)
-        if have != (info.dtype, tuple(info.shape)):
+        declared, shape = _value_spec(entry.source)
+        variable = isinstance(entry.source, keras.Variable)
+        held = _restore.held_dtype(entry.source) if variable else declared
+        how = _restore.accepts(info.dtype, declared, held) if variable else None
+        if tuple(info.shape) != shape or (how is None and info.dtype != declared):
             raise CheckpointContentError(
                 f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
-                f"{_describe(*have)}"
-                + (
-                    f" (variable {entry.source.path})"
-                    if isinstance(entry.source, keras.Variable)
-                    else ""
-                )
+                f"{_describe(declared, shape)}"
+                + (f" (held as {held})" if held != declared else "")
+                + (f" (variable {entry.source.path})" if variable else "")
             )
+        if how is not None and info.dtype != held:
+            ways[name] = (formats.numpy_dtype(held), how)
     values = checkpoint.read(list(wanted), threads=threads)
+    for name, (held_as, how) in ways.items():
+        value = _restore.converted(values[name], held_as, how)
+        if value is None:
+            raise CheckpointContentError(
+                f"{name}: the file holds {checkpoint.tensors[name].dtype} values that "
+                f"{held_as.name} cannot hold"
+            )
+        values[name] = value
     if plan.dynamic:
         _keras_private.load_state(model, values)
     else:
-        assign_all(list(wanted.values()), [values[name] for name in wanted])
+        _restore.assign_all(list(wanted.values()), [values[name] for name in wanted])
 
 
 def _value_spec(source: Any) -> tuple[str, tuple[int, ...]]:
