@@ -5,6 +5,7 @@
 //! through one mapping (`errors.rs`).
 
 mod arrays;
+mod device;
 mod errors;
 mod job;
 mod memory;
@@ -19,7 +20,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// The module's public names (the stub's `__all__`).
-const PUBLIC: [&str; 23] = [
+const PUBLIC: [&str; 27] = [
     "DEFAULT_BACKGROUND_THREADS",
     "DEFAULT_THREADS",
     "DTYPES",
@@ -27,12 +28,16 @@ const PUBLIC: [&str; 23] = [
     "HeaderTensor",
     "Job",
     "Node",
+    "PinnedHost",
     "PlannedFile",
     "WriteOptions",
     "WriteReport",
+    "copy_from_dlpack",
     "copy_into",
     "crc32_of_range",
+    "cuda_available",
     "is_temp_name",
+    "pin_host",
     "plan_bytes",
     "plan_hdf5",
     "plan_keras",
@@ -54,6 +59,7 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<nodes::PyNode>()?;
     m.add_class::<nodes::PyAttr>()?;
     m.add_class::<reading::PyHeaderTensor>()?;
+    m.add_class::<device::PyPinnedHost>()?;
     m.add_function(wrap_pyfunction!(planned::plan_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_hdf5, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_keras, m)?)?;
@@ -67,6 +73,9 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::copy_into, m)?)?;
     m.add_function(wrap_pyfunction!(memory::prefault, m)?)?;
     m.add_function(wrap_pyfunction!(memory::reserve_spare, m)?)?;
+    m.add_function(wrap_pyfunction!(device::copy_from_dlpack, m)?)?;
+    m.add_function(wrap_pyfunction!(device::cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(device::pin_host, m)?)?;
     m.add("DEFAULT_THREADS", io::default_threads())?;
     m.add(
         "DEFAULT_BACKGROUND_THREADS",
