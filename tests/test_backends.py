@@ -181,3 +181,38 @@ def test_values_on_a_device_all_go_through_the_arena(tmp_path, monkeypatch, back
     assert made and made[0].batches == [len(plan.entries)], "one batch of every value"
     model.save_weights(tmp_path / "keras.weights.h5")
     assert_same_arrays(datasets(tmp_path / "keras.weights.h5"), datasets(path))
+
+
+class _Recorded:
+    """A JAX array that logs when its host transfer is started and when it is waited for."""
+
+    def __init__(self, array, index: int, log: list) -> None:
+        self.array, self.index, self.log = array, index, log
+
+    def copy_to_host_async(self) -> None:
+        self.log.append(("start", self.index))
+        self.array.copy_to_host_async()
+
+    def __array__(self, dtype=None, copy=None):
+        self.log.append(("wait", self.index))
+        return np.asarray(self.array, dtype=dtype)
+
+
+class _Holder:
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+@pytest.mark.backends("jax")
+def test_jax_starts_every_transfer_before_it_waits_for_any():
+    plan = _walk.plan_for(bag_model(0, big=True))
+    reader = _snapshot.snapshotter_for(plan)._read
+    log: list = []
+    real = [v.value for v in reader._variables]
+    reader._variables = [_Holder(_Recorded(a, i, log)) for i, a in enumerate(real)]
+    arrays = reader()
+    starts = [i for kind, i in log if kind == "start"]
+    assert starts == list(range(len(real)))
+    assert log[: len(real)] == [("start", i) for i in range(len(real))], "a wait came first"
+    for got, want in zip(arrays, real, strict=True):
+        assert got.tobytes() == np.asarray(want).tobytes()
