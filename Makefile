@@ -11,6 +11,11 @@ STAMP   := $(VENV)/.installed
 # needs) for Keras's OrbaxCheckpoint, kept out of the test environment.
 BENCH_VENV  := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed
+# torch's environment: .venv plus torch (the registry's wheel and its CUDA libraries),
+# kept out of .venv so that TensorFlow's environment never changes under it.
+TORCH_VENV  := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
+TORCH_PIN   := torch==2.15.*
 export KERAS_BACKEND ?= tensorflow
 export TF_CPP_MIN_LOG_LEVEL ?= 3
 export PYO3_PYTHON := $(abspath $(VPY))
@@ -23,8 +28,14 @@ KERAS_MINORS := 3.12.0 3.12 3.13 3.14
 KERAS_MINOR_TESTS := tests/test_formats.py tests/test_callback_parity.py \
     tests/test_callback_background.py tests/test_keras_versions.py
 
-.PHONY: demo test test-rust test-python test-keras-minors typecheck dev system-deps bench \
-    bench-quick clean
+# The tests that make sense under every backend (saving, loading, the callback), run under
+# JAX and torch after the whole suite has run under TensorFlow.
+BACKEND_TESTS := tests/test_backends.py tests/test_api.py tests/test_formats.py \
+    tests/test_callback_parity.py tests/test_callback_background.py tests/test_snapshot_hold.py \
+    tests/test_device_copy.py
+
+.PHONY: demo test test-rust test-python test-keras-minors test-backends typecheck dev \
+    system-deps bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -71,7 +82,21 @@ test-keras-minors: dev
 	    PYTHONPATH=.keras-$$v $(VPY) -m pytest -q -p no:cacheprovider $(KERAS_MINOR_TESTS) || exit 1; \
 	done
 
-test: $(STAMP) system-deps test-rust test-python test-keras-minors
+$(TORCH_STAMP): $(STAMP)
+	$(PY) -m venv $(TORCH_VENV)
+	echo "import site; site.addsitedir('$$($(VPY) -c 'import site; print(site.getsitepackages()[0])')')" \
+	    > "$$($(TORCH_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/fastckpt-venv.pth"
+	$(TORCH_VENV)/bin/python -m pip install -q "$(TORCH_PIN)"
+	touch $(TORCH_STAMP)
+
+# The backend tests under JAX (in .venv) and torch (in .venv-torch, which sees .venv's
+# packages, so that files also cross between all three backends there).
+test-backends: dev system-deps $(TORCH_STAMP)
+	KERAS_BACKEND=jax $(VPY) -m pytest -q -p no:cacheprovider $(BACKEND_TESTS)
+	KERAS_BACKEND=torch FASTCKPT_TEST_BACKENDS=tensorflow,jax,torch $(TORCH_VENV)/bin/python \
+	    -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_cross_backend.py
+
+test: $(STAMP) system-deps test-rust test-python test-keras-minors test-backends
 
 demo: dev
 	$(VPY) examples/demo.py
@@ -90,4 +115,4 @@ bench-quick: dev $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m fastckpt.cli bench --quick
 
 clean:
-	rm -rf target $(VENV) $(BENCH_VENV) .keras-3.* python/fastckpt/*.so
+	rm -rf target $(VENV) $(BENCH_VENV) $(TORCH_VENV) .keras-3.* python/fastckpt/*.so

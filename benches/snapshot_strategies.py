@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
-from fastckpt import _snapshot, _walk
+from fastckpt import _readers, _snapshot, _walk
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
         from tensorflow.python.ops import gen_resource_variable_ops as ops
 
         return [
-            _snapshot._host_view(ops.read_variable_op(e.source.value.handle, e.source.value.dtype))
+            _readers._host_view(ops.read_variable_op(e.source.value.handle, e.source.value.dtype))
             for e in plan.entries
         ]
 

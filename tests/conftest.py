@@ -1,4 +1,10 @@
-"""Shared fixtures. TensorFlow (CPU) is the backend under test."""
+"""Shared fixtures. The backend under test is `KERAS_BACKEND`'s, TensorFlow (CPU) unless
+it says otherwise: `make test` runs the whole suite under TensorFlow and the backend tests
+(the Makefile's BACKEND_TESTS) under JAX and torch too.
+
+A test that holds only for some backends says so with `@pytest.mark.backends(...)`; under
+another backend it is deselected (pytest counts it as such), never silently passed.
+"""
 
 import os
 import subprocess
@@ -10,6 +16,24 @@ import keras
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+BACKEND = keras.backend.backend()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects the tests marked for other backends than the one under test."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        (kept if marker is None or BACKEND in marker.args else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+def pytest_report_header(config):
+    return f"fastckpt: Keras {keras.__version__}, backend {BACKEND}"
+
 
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]

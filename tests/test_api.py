@@ -113,6 +113,7 @@ def test_shape_mismatch_names_the_variable(tmp_path, trained_model):
         fastckpt.load(other, path)
 
 
+@pytest.mark.backends("tensorflow", "torch")  # under JAX (x64 off) float64 holds float32
 def test_dtype_mismatch_names_the_variable(tmp_path):
     a = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float64")])
     b = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float32")])
@@ -122,6 +123,68 @@ def test_dtype_mismatch_names_the_variable(tmp_path):
         CheckpointContentError, match=r"layers/dense/vars/0: the file holds float64"
     ):
         fastckpt.load(b, path)
+
+
+def test_a_float16_file_does_not_load_into_a_float32_model(tmp_path):
+    a = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float16")])
+    b = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float32")])
+    path = tmp_path / "d.safetensors"
+    fastckpt.save(a, path)
+    with pytest.raises(
+        CheckpointContentError,
+        match=r"layers/dense/vars/0: the file holds float16 \(2, 2\), the model has float32",
+    ):
+        fastckpt.load(b, path)
+
+
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")  # JAX
+def test_a_float32_file_loads_into_a_float64_model(tmp_path):
+    """What a float64 variable saved under JAX (x64 off) holds: float32 values, loaded
+    into the float64 variable of the same model on TensorFlow or torch, every value kept."""
+    a = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float32")])
+    b = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, dtype="float64")])
+    path = tmp_path / "d.safetensors"
+    fastckpt.save(a, path)
+    fastckpt.load(b, path)
+    held = np.asarray(keras.ops.convert_to_numpy(b.layers[0].kernel.value))
+    assert held.tobytes() == np.asarray(a.layers[0].kernel.numpy()).astype(held.dtype).tobytes()
+
+
+def counter_model(dtype: str, value: int) -> keras.Model:
+    """A model whose one variable is a non-trainable integer (torch requires integers to
+    be non-trainable) of `dtype`, holding `value`."""
+
+    class Counter(keras.layers.Layer):
+        def build(self, input_shape):
+            self.count = self.add_weight(
+                shape=(), dtype=dtype, initializer="zeros", trainable=False
+            )
+
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([keras.Input((2,)), Counter(name="counter")])
+    model.layers[0].count.assign(value)
+    return model
+
+
+# Under JAX (x64 off) an int64 variable holds int32 values: no file of it holds int64.
+@pytest.mark.backends("tensorflow", "torch")
+def test_int64_values_load_into_an_int32_variable_when_they_fit(tmp_path):
+    """Keras's "int" (an optimizer's iteration count) is int64 under TensorFlow, int32
+    under JAX and torch."""
+    path = tmp_path / "c.safetensors"
+    fastckpt.save(counter_model("int64", 7), path)
+    b = counter_model("int32", 0)
+    fastckpt.load(b, path)
+    assert int(keras.ops.convert_to_numpy(b.layers[0].count.value)) == 7
+    fastckpt.save(counter_model("int64", 2**40), path)
+    with pytest.raises(
+        CheckpointContentError,
+        match=r"layers/counter/vars/0: the file holds int64 values that int32 cannot hold",
+    ):
+        fastckpt.load(b, path)
+    assert int(keras.ops.convert_to_numpy(b.layers[0].count.value)) == 7, "nothing assigned"
 
 
 def test_missing_and_extra_variables_are_listed(tmp_path):

@@ -341,7 +341,8 @@ def test_max_to_keep_with_save_best_only_keeps_the_best(tmp_path):
     history = fit([ckpt], epochs=4).history["val_loss"]
     # Each file saved is a new best, so the best two saved are the last two saved.
     improved = [i for i, v in enumerate(history) if v < min(history[:i], default=np.inf)]
-    assert len(improved) == 3
+    # More bests than max_to_keep (how many depends on the backend's numerics).
+    assert len(improved) > 2
     assert list_files(tmp_path) == [f"{i + 1}.safetensors" for i in improved[-2:]]
 
 

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 import fastckpt
 from conftest import assert_same_state
@@ -17,6 +18,9 @@ def big_model() -> keras.Model:
     return model
 
 
+# torch assigns in place, into the very buffers held: a hold is taken there only when no
+# step comes before the write ends (test_backends.py shows a background save copies).
+@pytest.mark.backends("tensorflow", "jax")
 def test_held_views_keep_the_values_of_the_snapshot_when_the_variable_changes():
     model = big_model()
     plan = _walk.plan_for(model)

@@ -22,18 +22,22 @@ __all__ = [
     "HeaderTensor",
     "Job",
     "Node",
+    "PinnedHost",
     "PlannedFile",
     "Progress",
     "SourceFile",
     "SourceTensor",
     "WriteOptions",
     "WriteReport",
+    "copy_from_dlpack",
     "copy_into",
     "crc32_of_range",
     "crc32c",
     "crc32c_of_frames",
     "crc32c_of_ranges",
+    "cuda_available",
     "is_temp_name",
+    "pin_host",
     "plan_bytes",
     "plan_hdf5",
     "plan_keras",
@@ -370,6 +374,24 @@ def copy_into(
     pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, threads: int | None = None
 ) -> None:
     """Copies `(source, destination)` arrays on every core, with the GIL released."""
+
+def copy_from_dlpack(
+    pairs: Sequence[tuple[object, np.ndarray]], *, threads: int | None = None
+) -> None:
+    """Copies `(DLPack capsule, destination)` pairs, with the GIL released: host tensors on
+    every core, CUDA tensors in one batched device-to-host transfer (all pending device work
+    waited for first, every copy queued, one wait). The capsules are not consumed."""
+
+@final
+class PinnedHost:
+    """Host memory pinned for the CUDA driver; unpinned when this object is dropped."""
+
+def cuda_available() -> bool:
+    """Whether the CUDA driver (`libcuda.so.1`) loads and finds a device; `FASTCKPT_CUDA=0`
+    says no."""
+
+def pin_host(block: np.ndarray) -> PinnedHost | None:
+    """Pins a writable C-contiguous array for device-to-host copies (None without CUDA)."""
 
 def prefault(buffer: np.ndarray) -> Job:
     """Faults the array's pages in on a low-priority thread, without changing a byte."""

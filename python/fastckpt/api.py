@@ -13,11 +13,10 @@ from typing import Any, Literal, overload
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, _processes, formats
+from fastckpt import _fastckpt, _keras_private, _processes, _restore, formats
 from fastckpt._environment import direct_io_allowed
 from fastckpt._errors import CheckpointContentError
 from fastckpt._progress import Reporter
-from fastckpt._restore import assign_all
 from fastckpt._snapshot import snapshot, snapshotter_for
 from fastckpt._walk import Entry, SavePlan, plan_for
 
@@ -428,7 +427,9 @@ def plan_bytes(plan: SavePlan) -> int:
     for entry in plan.entries:
         source = entry.source
         if isinstance(source, keras.Variable):
-            dtype = formats.numpy_dtype(keras.backend.standardize_dtype(source.dtype))
+            # What a save writes is what the variable holds (float32 for a float64 one
+            # under JAX with x64 off), as Keras's files do.
+            dtype = formats.numpy_dtype(_restore.held_dtype(source))
             total += int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
     return total
 
@@ -499,31 +500,44 @@ def load(
             n: t for n, t in checkpoint.tensors.items() if not n.startswith("optimizer/")
         }
     wanted = _match(model, plan, checkpoint, path)
+    # How each variable takes the file's dtype ("cast" or "fits", see `_restore.accepts`),
+    # decided for all of them before anything is read.
+    ways: dict[str, tuple[np.dtype, str]] = {}
     for name, entry in wanted.items():
         info = checkpoint.tensors[name]
-        have = _value_spec(entry.source)
-        if have != (info.dtype, tuple(info.shape)):
-            what = "shape" if tuple(info.shape) != have[1] else "dtype"
+        declared, shape = _value_spec(entry.source)
+        variable = isinstance(entry.source, keras.Variable)
+        held = _restore.held_dtype(entry.source) if variable else declared
+        how = _restore.accepts(info.dtype, declared, held) if variable else None
+        if tuple(info.shape) != shape or (how is None and info.dtype != declared):
+            what = "shape" if tuple(info.shape) != shape else "dtype"
             raise CheckpointContentError(
                 f"{name}: the file holds {_describe(info.dtype, info.shape)}, the model has "
-                f"{_describe(*have)}"
+                f"{_describe(declared, shape)}"
+                + (f" (held as {held})" if held != declared else "")
                 + (f" at {entry.path}" if entry.path != name else "")
-                + (
-                    f" (variable {entry.source.path})"
-                    if isinstance(entry.source, keras.Variable)
-                    else ""
-                )
+                + (f" (variable {entry.source.path})" if variable else "")
                 # Keras's words, which its users and their tools search for.
                 + f": the {what} of the target variable and the {what} of the target value"
                 " in `variable.assign(value)` must match"
             )
+        if how is not None and info.dtype != held:
+            ways[name] = (formats.numpy_dtype(held), how)
     total = sum(checkpoint.tensors[name].nbytes for name in wanted)
     with Reporter(f"loading {path}", total, enabled=verbose) as reporter:
         values = checkpoint.read(list(wanted), threads=threads, progress=reporter.progress)
+    for name, (held_as, how) in ways.items():
+        value = _restore.converted(values[name], held_as, how)
+        if value is None:
+            raise CheckpointContentError(
+                f"{name}: the file holds {checkpoint.tensors[name].dtype} values that "
+                f"{held_as.name} cannot hold"
+            )
+        values[name] = value
     if plan.dynamic:
         _keras_private.load_state(model, values)
     else:
-        assign_all(list(wanted.values()), [values[name] for name in wanted])
+        _restore.assign_all(list(wanted.values()), [values[name] for name in wanted])
 
 
 def _match(

@@ -41,7 +41,7 @@ def state_views(model: Any, include_optimizer: bool = True) -> list[np.ndarray]:
         view = None
         if keras.backend.backend() == "tensorflow":
             from fastckpt._keras_private import tf_read_variable_op
-            from fastckpt._snapshot import _host_view
+            from fastckpt._readers import _host_view
 
             tf_var = v.value
             try:

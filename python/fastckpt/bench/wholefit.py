@@ -356,11 +356,11 @@ def _child_round(
 
 
 def backends_available() -> list[str]:
-    """The Keras backends whose framework this environment can import (torch's snapshot
-    is not yet the batched one: it is left out)."""
+    """The Keras backends whose framework this environment can import (torch is not in
+    the bench environment by default: run the bench from `.venv-torch` to include it)."""
     import importlib.util
 
-    return [b for b in ("tensorflow", "jax") if importlib.util.find_spec(b) is not None]
+    return [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
 
 
 def run_all(mode: str, targets: dict[str, str], say: Any) -> list[dict[str, Any]]:

@@ -24,6 +24,13 @@ pub enum Error {
     /// A queued write was dropped before it began (a newer save replaced it).
     #[error("the write was cancelled before it began")]
     Cancelled,
+    /// A CUDA driver call failed (a device-to-host snapshot copy, pinning host memory).
+    #[error("the CUDA driver's {call} failed: {name} ({code})")]
+    Device {
+        call: &'static str,
+        code: i32,
+        name: String,
+    },
 }
 
 impl Error {

@@ -8,6 +8,7 @@
 //! Nothing here knows about Python: the binding crate hands in [`Tensor`]s whose bytes are
 //! kept alive by whatever owner it chooses.
 
+pub mod cuda;
 pub mod error;
 pub mod format;
 pub mod host;

@@ -32,6 +32,7 @@ pub fn to_py_err(err: &Error) -> PyErr {
             classes::CheckpointContentError::new_err(err.to_string())
         }
         Error::Cancelled => classes::CancelledError::new_err(err.to_string()),
+        Error::Device { .. } => classes::CheckpointError::new_err(err.to_string()),
     }
 }
 

@@ -5,6 +5,7 @@
 //! through one mapping (`errors.rs`).
 
 mod arrays;
+mod device;
 mod errors;
 mod job;
 mod memory;
@@ -20,7 +21,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 /// The module's public names (the stub's `__all__`).
-const PUBLIC: [&str; 33] = [
+const PUBLIC: [&str; 37] = [
     "DEFAULT_BACKGROUND_THREADS",
     "DEFAULT_THREADS",
     "DTYPES",
@@ -29,18 +30,22 @@ const PUBLIC: [&str; 33] = [
     "HeaderTensor",
     "Job",
     "Node",
+    "PinnedHost",
     "PlannedFile",
     "Progress",
     "SourceFile",
     "SourceTensor",
     "WriteOptions",
     "WriteReport",
+    "copy_from_dlpack",
     "copy_into",
     "crc32_of_range",
     "crc32c",
     "crc32c_of_frames",
     "crc32c_of_ranges",
+    "cuda_available",
     "is_temp_name",
+    "pin_host",
     "plan_bytes",
     "plan_hdf5",
     "plan_keras",
@@ -74,6 +79,7 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reading::crc32c_of_frames, m)?)?;
     m.add_function(wrap_pyfunction!(reading::crc32c, m)?)?;
     m.add_function(wrap_pyfunction!(reading::zstd_header, m)?)?;
+    m.add_class::<device::PyPinnedHost>()?;
     m.add_function(wrap_pyfunction!(planned::plan_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_hdf5, m)?)?;
     m.add_function(wrap_pyfunction!(planned::plan_keras, m)?)?;
@@ -87,6 +93,9 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::copy_into, m)?)?;
     m.add_function(wrap_pyfunction!(memory::prefault, m)?)?;
     m.add_function(wrap_pyfunction!(memory::reserve_spare, m)?)?;
+    m.add_function(wrap_pyfunction!(device::copy_from_dlpack, m)?)?;
+    m.add_function(wrap_pyfunction!(device::cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(device::pin_host, m)?)?;
     m.add("DEFAULT_THREADS", io::default_threads())?;
     m.add(
         "DEFAULT_BACKGROUND_THREADS",
