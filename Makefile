@@ -92,7 +92,7 @@ $(TORCH_STAMP): $(STAMP)
 # The backend tests under JAX (in .venv) and torch (in .venv-torch, which sees .venv's
 # packages, so that files also cross between all three backends there).
 test-backends: dev system-deps $(TORCH_STAMP)
-	KERAS_BACKEND=jax $(VPY) -m pytest -q -p no:cacheprovider $(BACKEND_TESTS)
+	KERAS_BACKEND=jax $(VPY) -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_backup.py
 	KERAS_BACKEND=torch FASTCKPT_TEST_BACKENDS=tensorflow,jax,torch $(TORCH_VENV)/bin/python \
 	    -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_cross_backend.py
 

@@ -386,7 +386,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             for i, (_, variable) in enumerate(seeds)
         ]
         tensors.append(("numpy_random/keys", np.asarray(keys)))
-        if not self._cancel_unbegun():  # a newer backup replaces one not begun
+        # A newer backup replaces one not begun, except under `double_checkpoint`, whose
+        # `.bkp` copy is the previous backup, as in Keras: every one is written.
+        if self.double_checkpoint or not self._cancel_unbegun():
             self._wait()  # one backup in flight at a time: memory stays one snapshot
         reuse = self._job_reuse = _callbacks._ready_spare(self._kept)
         self._kept = None
