@@ -102,6 +102,17 @@ def fastckpt_build() -> dict[str, str]:
         ).stdout.strip()
         if dirty:
             out["git_commit"] += "-dirty"
+        # Within a checkout, paths relative to it: a report is committed with the code.
+        top = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        out["package"] = os.path.relpath(out["package"], top)
+        if out["native"]:
+            out["native"] = os.path.relpath(out["native"], top)
     except (OSError, subprocess.SubprocessError):
         pass
     profile = os.environ.get("FASTCKPT_BUILD_PROFILE")
