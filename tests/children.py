@@ -140,6 +140,9 @@ def save_as_nobody(emit, path: str, width: int = 256) -> None:
 
 def interrupt_wait(emit, path: str, delay_ms: int, width: int = 256) -> None:
     """Ctrl-C (SIGINT) while the main thread waits on a background save."""
+    # Python's own handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored, and Python then installs none).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     model = _model_in_state("B", width)
     testing.inject_delay(delay_ms)
     job = fastckpt.save(model, path, background=True)

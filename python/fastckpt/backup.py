@@ -410,7 +410,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not self.save_on_background or final:
             self._wait()
         else:
-            _callbacks._IN_FLIGHT.add(self._job)
+            _callbacks._track(self._job)
 
     def _cancel_unbegun(self) -> bool:
         """Drops the backup in flight if its write has not begun (the file it was to write

@@ -38,6 +38,17 @@ _WAIT_SLICE_S = 0.25
 _IN_FLIGHT: set[api.SaveJob] = set()
 
 
+def _track(handle: api.SaveJob) -> None:
+    """Adds a save to `_IN_FLIGHT`, first dropping the saves there that ended well or were
+    cancelled: a `fit` that raised never collects its saves, and the set must not keep
+    them for the life of the process (a failed one stays, for the report at exit)."""
+    for ended in [h for h in _IN_FLIGHT if h.done()]:
+        error = ended.exception()
+        if error is None or isinstance(error, concurrent.futures.CancelledError):
+            _IN_FLIGHT.discard(ended)
+    _IN_FLIGHT.add(handle)
+
+
 @dataclasses.dataclass
 class _Save:
     """A save this callback started: what to report when it is done."""
@@ -460,7 +471,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             self._keep_spare(filepath, job.kept)
         self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
-            _IN_FLIGHT.add(handle)
+            _track(handle)
         else:
             self._collect()
 
