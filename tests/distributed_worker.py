@@ -137,6 +137,11 @@ def main() -> None:
             fastckpt.save(model, path)
         except Exception as e:
             emit("raised", type=type(e).__name__, message=str(e))
+    elif SCENARIO == "agree":
+        from fastckpt import _processes
+
+        mine = 0.1234567890123456789 if PROCESS == 0 else 7.0
+        emit("agreed", value=_processes.agree(mine).hex())
     elif SCENARIO == "model parallel":
         model = build(layout=True)
         try:

@@ -190,3 +190,9 @@ def test_mirrored_strategy_saves_each_variable_once_and_restores_under_it(tmp_pa
     assert renamed.count(str(tmp_path / "mirrored.weights.h5")) == 2  # once an epoch
     with h5py.File(tmp_path / "mirrored.weights.h5") as f:
         assert f["layers/dense/vars/0"].shape == (8, 16)  # one copy, not one a replica
+
+
+def test_processes_agree_on_process_0s_value_to_the_last_bit(tmp_path):
+    # (JAX without x64 would round a float64 broadcast to float32.)
+    events, _ = run_pair("agree", tmp_path, tmp_path)
+    assert [named(e, "agreed")[0]["value"] for e in events] == [(0.1234567890123456789).hex()] * 2

@@ -63,7 +63,10 @@ def agree(value: float) -> float:
         return value
     from jax.experimental import multihost_utils
 
-    return float(np.asarray(multihost_utils.broadcast_one_to_all(np.float64(value))))
+    # As two 32-bit words: JAX without x64 would round a float64 to float32.
+    words = np.frombuffer(np.float64(value).tobytes(), np.uint32)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32)
+    return float(np.frombuffer(got.tobytes(), np.float64)[0])
 
 
 def settle(what: str, error: BaseException | None) -> None:
