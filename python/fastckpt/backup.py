@@ -333,16 +333,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self.save_freq == "epoch":
             return False
         assert isinstance(self.save_freq, int)
-        if batch <= self._last_batch_seen:  # New epoch.
-            add_batches = batch + 1  # batches are zero-indexed.
-        else:
-            add_batches = batch - self._last_batch_seen
-        self._batches_seen_since_last_saving += add_batches
+        self._batches_seen_since_last_saving, due = _callbacks.batches_due(
+            self._last_batch_seen, self._batches_seen_since_last_saving, batch, self.save_freq
+        )
         self._last_batch_seen = batch
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
-            return True
-        return False
+        return due
 
     def _between_steps(self) -> None:
         """A point where no step runs and every callback has seen the last one: where a

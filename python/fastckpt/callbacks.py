@@ -374,18 +374,11 @@ class ModelCheckpoint(MonitorCallbackBase):
         """Handles batch-level saving logic, supports steps_per_execution."""
         if self.save_freq == "epoch":
             return False
-        if self._last_batch_seen is None or batch <= self._last_batch_seen:
-            # New epoch.
-            add_batches = batch + 1  # batches are zero-indexed.
-        else:
-            add_batches = batch - self._last_batch_seen
-        self._batches_seen_since_last_saving += add_batches
+        self._batches_seen_since_last_saving, due = batches_due(
+            self._last_batch_seen, self._batches_seen_since_last_saving, batch, self.save_freq
+        )
         self._last_batch_seen = batch
-
-        if self._batches_seen_since_last_saving >= self.save_freq:
-            self._batches_seen_since_last_saving = 0
-            return True
-        return False
+        return due
 
     def _decide(
         self, epoch: int, logs: dict[str, Any] | None, filepath: str
@@ -654,6 +647,17 @@ def _positive_int(name: str, value: Any) -> int:
     if not ok or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return int(value)
+
+
+def batches_due(last_seen: int | None, since: int, batch: int, save_freq: int) -> tuple[int, bool]:
+    """Keras's count for an integer `save_freq` (`ModelCheckpoint` and `BackupAndRestore`
+    alike, `steps_per_execution` included): the batches seen since the last save once
+    `batch` has ended, and whether a save is due (the count then starts again)."""
+    if last_seen is None or batch <= last_seen:  # a new epoch
+        since += batch + 1  # batches are zero-indexed
+    else:
+        since += batch - last_seen
+    return (0, True) if since >= save_freq else (since, False)
 
 
 def _ready_spare(spare: str | _fastckpt.Job | None) -> str | None:
