@@ -141,6 +141,19 @@ mod tests {
         }
     }
 
+    /// The set of files `targets[i]` holding `layouts[i]`, without tensors.
+    fn set_of<'a>(targets: &[&'a PathBuf], layouts: &'a [PlannedFile]) -> Vec<SetFile<'a>> {
+        targets
+            .iter()
+            .zip(layouts)
+            .map(|(t, l)| SetFile {
+                target: t,
+                layout: l,
+                tensors: &[],
+            })
+            .collect()
+    }
+
     #[test]
     fn every_file_lands_and_no_temp_is_left() {
         let dir = tempfile::tempdir().unwrap();
@@ -150,15 +163,7 @@ mod tests {
             dir.path().join("index.json"),
         );
         let layouts = [bytes_file(b"AAAA"), bytes_file(b"BB"), bytes_file(b"{}")];
-        let files: Vec<SetFile> = [&a, &b, &index]
-            .iter()
-            .zip(&layouts)
-            .map(|(t, l)| SetFile {
-                target: t,
-                layout: l,
-                tensors: &[],
-            })
-            .collect();
+        let files = set_of(&[&a, &b, &index], &layouts);
         let lens = write_set(&files, &WriteOptions::with_threads(2))
             .unwrap()
             .lens;
@@ -181,15 +186,7 @@ mod tests {
             bytes_file(b"new b"),
             bytes_file(b"new"),
         ];
-        let files: Vec<SetFile> = [&a, &missing, &index]
-            .iter()
-            .zip(&layouts)
-            .map(|(t, l)| SetFile {
-                target: t,
-                layout: l,
-                tensors: &[],
-            })
-            .collect();
+        let files = set_of(&[&a, &missing, &index], &layouts);
         let err = write_set(&files, &WriteOptions::with_threads(1)).unwrap_err();
         assert!(err.to_string().contains("no folder"), "{err}");
         assert_eq!(std::fs::read(&a).unwrap(), b"old a");
@@ -203,15 +200,7 @@ mod tests {
         let (w, meta) = (dir.path().join("w.bin"), dir.path().join("m.json"));
         let write = |a: &[u8], b: &[u8]| {
             let layouts = [bytes_file(a), bytes_file(b)];
-            let files: Vec<SetFile> = [&w, &meta]
-                .iter()
-                .zip(&layouts)
-                .map(|(t, l)| SetFile {
-                    target: t,
-                    layout: l,
-                    tensors: &[],
-                })
-                .collect();
+            let files = set_of(&[&w, &meta], &layouts);
             let opts = WriteOptions {
                 previous_suffix: Some(".bkp".into()),
                 ..WriteOptions::with_threads(1)
