@@ -353,7 +353,12 @@ def start_save(
         for earlier in queue_after:
             earlier.wait()
         queue_after = ()
-    snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
+    if writer:
+        snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
+    else:
+        # Only planned here, and released before any step: the backend's own buffers serve,
+        # with no copy and no arena.
+        snap = snapshot(plan, hold=True)
     handed_off = time.perf_counter()
     try:
         request = formats.SaveRequest(
