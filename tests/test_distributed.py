@@ -148,7 +148,6 @@ def test_a_backup_is_restored_by_every_process_and_resumes_exactly(tmp_path):
 def test_a_failed_write_on_process_0_fails_the_save_on_every_process(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    before = None
     events, _ = run_pair("failed write", folder, tmp_path)
     raised = [named(e, "raised") for e in events]
     assert raised[0] and raised[0][0]["type"] == "OSError", raised
