@@ -7,7 +7,10 @@ another backend it is deselected (pytest counts it as such), never silently pass
 """
 
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -108,6 +111,19 @@ def fault_injection():
     yield
     testing.inject_fault(None)
     testing.inject_delay(0)
+
+
+@pytest.fixture
+def memory_folder():
+    """A new folder on tmpfs (`/dev/shm`): files there are memory, which fastckpt touches
+    ahead where it reserves room (tmp_path is on disk here)."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.fail("no /dev/shm: the tests need a tmpfs folder")
+    path = Path(tempfile.mkdtemp(dir="/dev/shm", prefix="fastckpt-test-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

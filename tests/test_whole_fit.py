@@ -66,69 +66,219 @@ def plan_of(model: keras.Model) -> _walk.SavePlan:
     return _walk._plans[model][True]
 
 
+def plan_of_saved(model: keras.Model) -> _walk.SavePlan:
+    """The plan of a save of `model` (walked if it was not yet)."""
+    return _walk.plan_for(model)
+
+
+def h5_saved(model: keras.Model, folder: Path) -> dict[str, np.ndarray]:
+    """What Keras's own `save_weights` writes for `model` now."""
+    model.save_weights(folder / "keras.weights.h5")
+    try:
+        return h5_datasets(folder / "keras.weights.h5")
+    finally:
+        os.remove(folder / "keras.weights.h5")
+
+
 # Ready before the first save ---------------------------------------------------------------
 
 
-def test_buffers_and_plan_are_ready_before_the_first_save(tmp_path):
-    """A new model whose optimizer TensorFlow would build in the first step: when training
-    begins the callback builds it (as Keras does under a distribution strategy), plans the
-    save and faults the snapshot buffer in; the first save then uses that buffer and plan."""
+def unbuilt_model() -> keras.Model:
+    """A new model whose optimizer TensorFlow builds in the first training step."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(512), keras.layers.Dense(512)])
     model.compile(optimizer="adam", loss="mse")
     assert not model.optimizer.built
+    return model
+
+
+def fit_unbuilt(model, callbacks, epochs=2):
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.zeros((16, 512), "float32")
+    model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, callbacks=callbacks)
+
+
+def test_memory_for_the_first_save_is_readied_while_the_first_step_builds_the_optimizer(
+    tmp_path,
+):
+    """The callback leaves the optimizer to the first step (building it when training
+    begins would only move the step's cost into the hook) and readies memory of the size
+    the save is expected to need meanwhile; after the step the save is planned, with the
+    optimizer's slots, and its snapshot buffer is that memory, faulted in: the first save
+    allocates nothing."""
+    model = unbuilt_model()
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.weights.h5"), save_weights_only=True)
     seen = {}
 
-    class Look(keras.callbacks.Callback):
+    class Before(keras.callbacks.Callback):  # placed before `ckpt`
         def on_train_batch_begin(self, batch, logs=None):
-            if batch == 0 and "plan" not in seen:
-                seen["plan"] = plan_of(self.model)
-                arenas = _snapshot.snapshotter_for(seen["plan"])._arenas
-                seen["arenas"] = list(arenas)
-                seen["ready"] = [a.prefault.wait(30) for a in arenas]
+            if batch == 0 and "built" not in seen:
+                seen["built"] = self.model.optimizer.built
+                seen["warm"] = list(ckpt._warm)
 
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
+                seen["plan"] = plan_of(self.model)
+                seen["arenas"] = list(_snapshot.snapshotter_for(seen["plan"])._arenas)
+                seen["ready"] = [a.prefault.wait(30) for a in seen["arenas"]]
+
+    class After(keras.callbacks.Callback):  # placed after `ckpt`
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
                 seen["first save plan"] = plan_of(self.model)
-                seen["first save arenas"] = list(
-                    _snapshot.snapshotter_for(seen["first save plan"])._arenas
-                )
                 seen["lent to"] = seen["arenas"][0].job
 
-    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.weights.h5"), save_weights_only=True)
     oracle = KerasOracle(tmp_path / "oracle")
-    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
-    model.fit(
-        x,
-        np.zeros((16, 512), "float32"),
-        epochs=2,
-        batch_size=8,
-        verbose=0,
-        callbacks=[ckpt, Look(), oracle],
-    )
-    assert len(seen["arenas"]) == 1 and seen["ready"] == [True]
+    fit_unbuilt(model, [Before(), ckpt, After(), oracle])
+    assert seen["built"] is False, "the callback built the optimizer itself"
+    [warm] = seen["warm"]
+    [arena] = seen["arenas"]
+    assert seen["ready"] == [True]
+    assert np.shares_memory(arena.block, warm.host.array), "the first save got new memory"
     names = [e.path for e in seen["plan"].entries]
     assert any(n.startswith("optimizer/") for n in names), "the optimizer's slots are planned"
     assert seen["first save plan"] is seen["plan"], "the first save walked the model again"
-    assert seen["first save arenas"] == seen["arenas"], "the first save allocated a buffer"
     assert seen["lent to"] is not None and not isinstance(seen["lent to"], _snapshot._Reserved)
     assert_arrays_identical(oracle.values("e2"), h5_datasets(tmp_path / "c.weights.h5"))
 
 
-def test_a_file_name_without_fields_gets_room_reserved_before_the_first_save(tmp_path):
-    reserved = []
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "adam",
+        "sgd",
+        lambda: keras.optimizers.SGD(momentum=0.9),
+        "rmsprop",
+        "adagrad",
+        "adamw",
+        lambda: keras.optimizers.Adam(amsgrad=True),
+        lambda: keras.optimizers.Adam(use_ema=True),
+        "lion",
+        "nadam",
+    ],
+    ids=lambda o: o if isinstance(o, str) else "",
+)
+def test_the_expected_size_of_a_save_is_what_the_optimizer_builds(optimizer):
+    """The estimate made before the optimizer exists (`sizes_once_built`) against Keras's
+    own build of it: the same bytes, and nothing built by estimating."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(32), keras.layers.BatchNormalization()]
+    )
+    model.compile(optimizer=optimizer if isinstance(optimizer, str) else optimizer(), loss="mse")
+    expected = _walk.sizes_once_built(model)
+    assert not model.optimizer.built and expected is not None
+    model.optimizer.build(model.trainable_variables)
+    built = sorted(
+        v.numpy().nbytes for v in list(model.variables) + list(model.optimizer.variables)
+    )
+    # The optimizer's own scalars (iterations, learning rate) are left out; no variable of
+    # the model is that small.
+    assert sorted(expected) == [n for n in built if n > 8], (sorted(expected), built)
+    assert _walk.sizes_once_built(model) is None, "nothing to estimate once built"
 
-    class Look(keras.callbacks.Callback):
-        def on_train_batch_begin(self, batch, logs=None):
-            if not reserved:
-                reserved.append(temp_files(tmp_path))
 
-    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "c.safetensors"))
+def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
+    """After the first step, two files are reserved beside a file name without fields (the
+    first save replaces nothing, so the second has no replaced file to write into); the
+    first two saves write into them, and each later save into the file the save before it
+    replaced. Watched through the files' inodes; the content is Keras's; no reserved or
+    kept file stays once training has ended."""
+    reserved: list[set[int]] = []
+    inodes = []
+    target = tmp_path / "c.safetensors"
+
+    class Before(keras.callbacks.Callback):  # placed before `ckpt`
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                deadline = time.monotonic() + 30
+                while len(temp_files(tmp_path)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                reserved.append({os.stat(tmp_path / n).st_ino for n in temp_files(tmp_path)})
+
+    class After(keras.callbacks.Callback):  # placed after `ckpt`
+        def on_epoch_end(self, epoch, logs=None):
+            ckpt.wait_until_finished()
+            inodes.append(os.stat(target).st_ino)
+
+    ckpt = fastckpt.ModelCheckpoint(str(target))
     oracle = KerasOracle(tmp_path / "oracle")
-    fit([ckpt, Look(), oracle], epochs=2)
-    assert len(reserved[0]) == 1, "one file reserved beside c.safetensors"
-    assert_holds(tmp_path / "c.safetensors", oracle.values("e2"))
+    fit([Before(), ckpt, After(), oracle], epochs=4)
+    assert len(reserved[0]) == 2, "two files reserved beside c.safetensors"
+    assert set(inodes[:2]) == reserved[0], (inodes, reserved)
+    assert inodes[2:] == inodes[:2], "later saves write into the file replaced before them"
+    assert_holds(target, oracle.values("e4"))
     assert wait_for_no_temp_files(tmp_path) == []
+
+
+def test_an_existing_file_gets_room_reserved_for_one_save(tmp_path):
+    """The first save replaces the file already there and keeps it for the second."""
+    target = tmp_path / "c.safetensors"
+    fastckpt.save(fresh_model(big=True), target)
+    seen = []
+
+    class Before(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for spare in ckpt._spares[str(target)]:  # (to know when they have all ended)
+                spare.reserving.wait(30)
+            seen.append(temp_files(tmp_path))
+
+    ckpt = fastckpt.ModelCheckpoint(str(target))
+    fit([Before(), ckpt], epochs=1)
+    assert len(seen[0]) == 1, seen
+
+
+def test_a_save_queued_behind_its_reservation_writes_into_the_reserved_file(
+    memory_folder, fault_injection
+):
+    """A save taken before its reserved file is ready waits for it in the background (the
+    snapshot is taken at once) and then writes into it, not into a new file. On tmpfs,
+    where reserving a file also touches its memory, which takes a while."""
+    tmp_path = memory_folder
+    model = fresh_model(big=True)
+    target = tmp_path / "c.weights.h5"
+    with slow_writes(100):  # slows the reservation's pieces too
+        spare, reserving = _fastckpt.reserve_spare(target, api.plan_bytes(plan_of_saved(model)))
+        while not spare.exists():
+            time.sleep(0.001)
+        reserved_inode = os.stat(spare).st_ino
+        job = api.start_save(model, target, background=True, reuse=spare, queue_after=[reserving])
+        assert not reserving.done() and not job.begun(), "the reservation ended too soon"
+        job.result()
+    assert reserving.done() and reserving.exception() is None
+    assert os.stat(target).st_ino == reserved_inode
+    fastckpt.save(model, tmp_path / "fresh.weights.h5")
+    assert target.read_bytes() == (tmp_path / "fresh.weights.h5").read_bytes()
+
+
+def test_a_save_whose_reserved_file_is_gone_writes_a_new_one(tmp_path):
+    """A reserved file removed before the save writes into it (a failed reservation leaves
+    none) is no error: the save makes a new temp file, as it would without one."""
+    model = fresh_model()
+    target = tmp_path / "c.safetensors"
+    spare, reserving = _fastckpt.reserve_spare(target, 1 << 20)
+    reserving.result()
+    os.remove(spare)
+    api.start_save(model, target, background=True, reuse=spare).result()
+    assert_holds(target, {k: v for k, v in h5_saved(model, tmp_path).items()})
+    assert temp_files(tmp_path) == []
+
+
+def test_reservations_run_one_after_the_other(memory_folder, fault_injection):
+    """Each reservation begins once the jobs it is queued behind have ended (the saves need
+    the buffers first, then the first file, then the second)."""
+    tmp_path = memory_folder
+    with slow_writes(100):
+        first, first_job = _fastckpt.reserve_spare(tmp_path / "c.weights.h5", 24 << 20)
+        second, second_job = _fastckpt.reserve_spare(
+            tmp_path / "c.weights.h5", 24 << 20, after=[first_job]
+        )
+        while not first_job.begun():
+            time.sleep(0.001)
+        assert not second_job.begun() and not second.exists()
+        first_job.result()
+        second_job.result()
+    assert os.path.getsize(first) == os.path.getsize(second) == 24 << 20
 
 
 def test_no_room_is_reserved_for_file_names_with_fields(tmp_path):
@@ -140,7 +290,7 @@ def test_no_room_is_reserved_for_file_names_with_fields(tmp_path):
 
     ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
     fit([ckpt, Look()], epochs=1)
-    assert seen[0] == []
+    assert seen[0] == [] and seen[-1] == []
 
 
 # Queued saves, dropped only when superseded for the same file -----------------------------
@@ -379,3 +529,41 @@ def test_a_dropped_model_takes_its_plan_and_snapshot_buffers_with_it(tmp_path):
     del model, plan, snapper
     gc.collect()
     assert [r() is None for r in refs] == [True] * 4
+
+
+# Host memory -------------------------------------------------------------------------------
+
+
+def mapping_of(address: int) -> dict[str, str]:
+    """The /proc/self/smaps entry (its fields) of the mapping holding `address`."""
+    fields: dict[str, str] = {}
+    found = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                if found:
+                    break
+                start, end = (int(x, 16) for x in head.split("-"))
+                found = start <= address < end
+                fields = {"Size": str(end - start)}
+            elif found:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+    assert found, f"no mapping holds {address:#x}"
+    return fields
+
+
+def test_snapshot_buffers_are_small_pages_faulted_in_ahead(tmp_path):
+    """A snapshot buffer is memory of its own in small pages (a huge page takes a whole
+    free 2 MiB block, which a VM that hands free memory back to its host has dropped:
+    5-7x dearer to touch first), and once its prefault job ends every page is resident,
+    as the kernel counts it."""
+    model = fresh_model(big=True)
+    owner = keras.callbacks.Callback()  # anything a weak reference can point at
+    [arena] = api.prepare(model, buffers=1, owner=owner)
+    address = arena.block.ctypes.data
+    assert "nh" in mapping_of(address)["VmFlags"].split(), "huge pages not turned off"
+    assert arena.prefault.wait(30) and arena.prefault.exception() is None
+    resident_kib = int(mapping_of(address)["Rss"].split()[0])
+    assert resident_kib * 1024 >= arena.block.nbytes

@@ -396,8 +396,10 @@ def pin_host(block: np.ndarray) -> PinnedHost | None:
 def prefault(buffer: np.ndarray) -> Job:
     """Faults the array's pages in on a low-priority thread, without changing a byte."""
 
-def reserve_spare(target: _Path, length: int) -> Job:
-    """Reserves `length` bytes in a temp file beside `target` (the job's first path)."""
+def reserve_spare(target: _Path, length: int, *, after: Sequence[Job] = ...) -> tuple[Path, Job]:
+    """Reserves `length` bytes in a temp file beside `target`, on a low-priority thread
+    once every job in `after` has ended; returns the file's path (known at once: a write
+    may be queued behind the job to reuse it) and the job."""
 
 def sweep_stale_temps(folder: _Path) -> int:
     """Removes the temp files of dead fastckpt writers in `folder`; returns how many."""

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import keras
+from keras.src.backend.common import global_state
 from keras.src.callbacks.monitor_callback import MonitorCallback
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.saving import saving_lib
@@ -120,8 +121,35 @@ class CollectingStore(saving_lib.H5IOStore):
 def walk_saveables(model: keras.Model, store: CollectingStore, skip: set[int]) -> None:
     """Runs Keras's saving traversal over `model` into `store`; objects whose `id` is in
     `skip` (and what only they reach) are left out."""
-    with _optimizers_store_variables(model):
+    with _optimizers_store_variables(model), _attribute_skipsets_cached():
         saving_lib._save_state(model, store, None, "", set(skip))
+
+
+_SKIPSET_STORED = "saving_attr_skipset_"
+_SKIPSET_LOOKED_UP = "saving_attr_skiplist_"
+
+
+@contextlib.contextmanager
+def _attribute_skipsets_cached() -> Iterator[None]:
+    """For the walk only: Keras's traversal asks `get_attr_skipset` which attributes of each
+    object it visits to skip, which it finds by building a reference object of the type (a
+    `Layer`, an `Optimizer` and its variables), then caches under a key it never looks up
+    (it stores `saving_attr_skipset_<type>` and reads `saving_attr_skiplist_<type>`, Keras
+    3.12-3.15): every object of every walk builds one, three quarters of a walk's time.
+    Here the key it reads holds the sets it stored (the same answers); afterwards Keras's
+    state is as it was (it is per thread, and this runs on the walking thread only)."""
+    state = vars(global_state.GLOBAL_STATE_TRACKER)
+    added = []
+    for key, skipset in list(state.items()):
+        twin = _SKIPSET_LOOKED_UP + key[len(_SKIPSET_STORED) :]
+        if key.startswith(_SKIPSET_STORED) and skipset is not None and twin not in state:
+            state[twin] = skipset
+            added.append(twin)
+    try:
+        yield
+    finally:
+        for key in added:
+            state.pop(key, None)
 
 
 def _store_variables(optimizer: Any, store: Any) -> None:

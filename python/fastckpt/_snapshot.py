@@ -14,6 +14,9 @@ This is the only stage on the training thread, so it is built for speed:
   is faulted and zeroed first, and on a VM often backed by the host first), so an arena's
   pages are faulted in on a low-priority thread as soon as the arena exists
   (`Snapshotter.prepare`, called when training begins), before the first snapshot needs it.
+  Where the plan is not known yet when training begins (TensorFlow builds the optimizer in
+  the first step), memory of the size it is expected to need is faulted in meanwhile
+  (`warm_block`) and becomes the arena once the plan exists, if it is large enough.
   Pinned memory is resident from the start.
 - Holding: a save that nothing will train past before it is written (a synchronous save,
   or the last checkpoint of a `fit`) holds the variables' own host buffers instead of
@@ -30,18 +33,30 @@ reused once the job it was lent to has finished.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
 from fastckpt import _fastckpt
-from fastckpt._readers import LARGE_BYTES, PAGE, Reader, nbytes, reader_for
+from fastckpt._readers import LARGE_BYTES, PAGE, HostBlock, Reader, nbytes, reader_for
 from fastckpt._walk import SavePlan
 
-__all__ = ["LARGE_BYTES", "PAGE", "Snapshot", "Snapshotter", "snapshot", "snapshotter_for"]
+__all__ = [
+    "LARGE_BYTES",
+    "PAGE",
+    "Snapshot",
+    "Snapshotter",
+    "WarmBlock",
+    "arena_bytes",
+    "snapshot",
+    "snapshotter_for",
+    "warm_block",
+]
 
 
 def to_host(value: Any) -> np.ndarray:
@@ -50,20 +65,60 @@ def to_host(value: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(value), order="C")
 
 
+def _page_round(size: int) -> int:
+    return -(-size // PAGE) * PAGE
+
+
+def arena_bytes(sizes: Sequence[int]) -> int:
+    """The bytes of an arena holding values of these sizes (each on its own pages)."""
+    return sum(map(_page_round, sizes))
+
+
+@dataclasses.dataclass
+class WarmBlock:
+    """Memory for an arena whose plan does not exist yet, faulted in meanwhile.
+
+    Attributes:
+        host: the memory (pinned memory is resident already: no faulting in).
+        prefault: the job faulting its pages in, or None.
+    """
+
+    host: HostBlock
+    prefault: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.host.array.nbytes)
+
+
+def warm_block(size: int, reader: Reader) -> WarmBlock:
+    """`size` bytes of the reader's host memory, faulted in on a low-priority thread."""
+    host = reader.host_block(max(size, 1))
+    job = _fastckpt.prefault(host.array) if size and host.pinned is None else None
+    return WarmBlock(host, job)
+
+
 class _Arena:
     """Host buffers for the large variables of one plan, lent to one write at a time: one
-    page-aligned block (from the reader: pinned where the values are on a device), each
-    variable's buffer starting on its own page."""
+    page-aligned block (from the reader: pinned where the values are on a device, or a
+    warm block made before the plan existed, if it is large enough), each variable's
+    buffer starting on its own page."""
 
-    def __init__(self, specs: list[tuple[int, tuple[int, ...], np.dtype]], reader: Reader) -> None:
+    def __init__(
+        self,
+        specs: list[tuple[int, tuple[int, ...], np.dtype]],
+        reader: Reader,
+        warm: WarmBlock | None = None,
+    ) -> None:
         offsets, end = [], 0
         for _, shape, dtype in specs:
             offsets.append(end)
-            end += -(-nbytes(shape, dtype) // PAGE) * PAGE
-        host = reader.host_block(max(end, 1))
-        self.block = host.array
+            end += _page_round(nbytes(shape, dtype))
+        if warm is None or warm.nbytes < end:
+            warm = warm_block(end, reader)
+        self.block = warm.host.array
         # Keeps the block pinned (and alive) as long as the arena lives.
-        self.pinned = host.pinned
+        self.pinned = warm.host.pinned
         self.views: dict[int, np.ndarray] = {}
         for (index, shape, dtype), at in zip(specs, offsets, strict=True):
             view = self.block[at : at + nbytes(shape, dtype)]
@@ -72,7 +127,7 @@ class _Arena:
         self.state: dict[str, Any] = {}
         # Faulting the pages in on a low-priority thread; a snapshot that comes first
         # simply faults the rest itself (prefaulting never changes a byte).
-        self.prefault = _fastckpt.prefault(self.block) if end and host.pinned is None else None
+        self.prefault = warm.prefault
         self.job: Any = None
 
     def free(self) -> bool:
@@ -130,15 +185,19 @@ class Snapshotter:
                 if nbytes(shape, dtype) >= least:
                     self._specs.append((i, shape, dtype))
         #: Host memory one snapshot buffer (arena) takes.
-        self.buffer_bytes = sum(-(-nbytes(s, d) // PAGE) * PAGE for _, s, d in self._specs)
+        self.buffer_bytes = arena_bytes([nbytes(s, d) for _, s, d in self._specs])
 
-    def prepare(self, buffers: int, owner: object = None) -> list[_Arena]:
+    def prepare(
+        self, buffers: int, owner: object = None, warm: Sequence[WarmBlock] = ()
+    ) -> list[_Arena]:
         """Makes sure the arenas every owner asked for exist (`buffers` for `owner`, added
         to what the other owners asked: two callbacks of one `fit` each get theirs), their
         pages faulting in on a background thread, so that the first snapshots find their
-        memory ready; returns them."""
+        memory ready; returns them. New arenas take their memory from `warm` while it
+        lasts (a block too small for the arena is dropped)."""
         if self._read is None or not self._specs:
             return []
+        blocks = list(warm)
         with self._lock:
             if owner is None:
                 self._unowned = max(self._unowned, buffers)
@@ -146,8 +205,14 @@ class Snapshotter:
                 self._wanted[owner] = buffers
             wanted = self._unowned + sum(self._wanted.values())
             while len(self._arenas) < wanted:
-                self._arenas.append(_Arena(self._specs, self._read))
+                block = blocks.pop(0) if blocks else None
+                self._arenas.append(_Arena(self._specs, self._read, block))
             return list(self._arenas[:wanted])
+
+    @property
+    def reader(self) -> Reader | None:
+        """How this plan's values are read (None: one by one, with no arena)."""
+        return self._read
 
     def _arena_for_next(self) -> _Arena:
         """A free arena, reserved for the caller (saves from several threads never share

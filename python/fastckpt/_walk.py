@@ -12,6 +12,7 @@ import weakref
 from typing import Any
 
 import keras
+import numpy as np
 
 from fastckpt import _keras_private
 
@@ -123,3 +124,43 @@ def plan_for(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
     plan = walk(model, include_optimizer)
     _plans.setdefault(model, {})[include_optimizer] = plan
     return plan
+
+
+def sizes_once_built(model: keras.Model, include_optimizer: bool = True) -> list[int] | None:
+    """The bytes of each value a save of `model` will hold once its optimizer is built,
+    for a model whose optimizer is not built yet (TensorFlow builds it in the first
+    training step): the model's variables as they are, and the optimizer's, estimated as
+    many copies of every trainable variable as a copy of the optimizer makes for one
+    stand-in variable (exact for the optimizers that keep per-element state: Adam, SGD,
+    RMSprop, ...; factored state such as Adafactor's is left out). Nothing is allocated
+    for the real variables. None when there is nothing to estimate (no optimizer, or a
+    built one) or the optimizer cannot be copied."""
+    optimizer = _optimizer(model)
+    if not include_optimizer or optimizer is None or optimizer.built:
+        return None
+    try:
+        per_variable = _variables_per_trainable(optimizer)
+    except Exception:  # a custom optimizer that from_config cannot rebuild, ...
+        return None
+    trainable = [_nbytes(v) for v in model.trainable_variables]
+    return [_nbytes(v) for v in model.variables] + trainable * per_variable
+
+
+def _variables_per_trainable(optimizer: Any) -> int:
+    """Variables of the stand-in's shape that a copy of `optimizer` makes for one stand-in
+    (its per-element state: Adam's two moments, a momentum, ...)."""
+    copy = type(optimizer).from_config(optimizer.get_config())
+    stand_in = keras.Variable(np.zeros(_STAND_IN_SHAPE, "float32"), name="fastckpt_stand_in")
+    copy.build([stand_in])
+    return sum(tuple(v.shape) == _STAND_IN_SHAPE for v in copy.variables)
+
+
+# A shape no optimizer's own scalars or factored state (rows, columns) take.
+_STAND_IN_SHAPE = (3, 7)
+
+
+def _nbytes(variable: keras.Variable) -> int:
+    from fastckpt.formats import numpy_dtype
+
+    dtype = numpy_dtype(keras.backend.standardize_dtype(variable.dtype))
+    return int(np.prod(variable.shape, dtype=np.int64)) * dtype.itemsize

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pathlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -13,11 +14,11 @@ from typing import Any, Literal, overload
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, _processes, _restore, formats
+from fastckpt import _fastckpt, _keras_private, _processes, _restore, _snapshot, _walk, formats
 from fastckpt._environment import direct_io_allowed
 from fastckpt._errors import CheckpointContentError
 from fastckpt._progress import Reporter
-from fastckpt._snapshot import snapshot, snapshotter_for
+from fastckpt._snapshot import WarmBlock, snapshot, snapshotter_for
 from fastckpt._walk import Entry, SavePlan, plan_for
 
 
@@ -309,7 +310,7 @@ def start_save(
     weights_only: bool = False,
     format: str | None = None,
     max_shard_size: float | None = None,
-    queue_after: Sequence[SaveJob] = (),
+    queue_after: Sequence[SaveJob | _fastckpt.Job] = (),
     hold: bool | None = None,
     reuse: str | None = None,
     keep_replaced: bool = False,
@@ -374,7 +375,7 @@ def start_save(
             threads=threads,
             background=background,
             # (On process 0 every job is a write of its own.)
-            queue_after=[j._job for j in queue_after if isinstance(j._job, _fastckpt.Job)],
+            queue_after=[j for j in map(_native_job, queue_after) if j is not None],
             reuse=reuse,
             keep_replaced=keep_replaced,
             direct_io=direct_io_allowed(),
@@ -393,12 +394,10 @@ def start_save(
     return SaveJob(job, path, started, handed_off)
 
 
-@dataclasses.dataclass
-class Prepared:
-    """What `prepare` readied: the snapshot buffers, and the job reserving a spare file."""
-
-    buffers: list[Any]
-    spare: _fastckpt.Job | None
+def _native_job(job: SaveJob | _fastckpt.Job) -> _fastckpt.Job | None:
+    """The native job behind `job` (None for a save another process writes)."""
+    native = job._job if isinstance(job, SaveJob) else job
+    return native if isinstance(native, _fastckpt.Job) else None
 
 
 def prepare(
@@ -407,23 +406,60 @@ def prepare(
     include_optimizer: bool = True,
     buffers: int = 1,
     owner: object = None,
-    spare_for: str | None = None,
-) -> Prepared:
-    """Readies what saves of `model` need before the first one is due: the plan (Keras's
-    traversal, on this thread), `buffers` snapshot buffers whose memory is faulted in on a
-    low-priority thread, and with `spare_for` a file beside that path with room for the
-    checkpoint, reserved on the same kind of thread, for the first save to write into
-    (`start_save(reuse=...)`, once the job has succeeded). The buffers of several `owner`s
-    (the callbacks of one `fit`) add up."""
+    warm: Sequence[WarmBlock] = (),
+) -> list[Any]:
+    """Readies the snapshot buffers of saves of `model` before the first one is due: the
+    plan (Keras's traversal, on this thread) and `buffers` buffers whose memory is faulted
+    in on a low-priority thread, made from `warm` (`warm_up`'s memory) where it is large
+    enough; returns them (their `prefault` jobs tell when they are ready). The buffers of
+    several `owner`s (the callbacks of one `fit`) add up."""
     plan = plan_for(model, include_optimizer)
     if not _processes.is_writer():
-        return Prepared([], None)  # process 0 writes: nothing to ready here
-    arenas = snapshotter_for(plan).prepare(buffers, owner)
-    spare = None
-    folder = os.path.dirname(os.path.abspath(spare_for)) if spare_for else None
-    if spare_for is not None and folder is not None and os.path.isdir(folder):
-        spare = _fastckpt.reserve_spare(spare_for, plan_bytes(plan))
-    return Prepared(arenas, spare)
+        return []  # process 0 writes: nothing to ready here
+    return snapshotter_for(plan).prepare(buffers, owner, warm)
+
+
+def warm_up(
+    model: keras.Model, *, include_optimizer: bool = True, buffers: int = 1
+) -> list[WarmBlock]:
+    """`prepare` for a model whose optimizer is not built yet (TensorFlow builds it in the
+    first training step): memory of the size the buffers are expected to need once it is
+    (`_walk.sizes_once_built`), faulted in while that step runs, for `prepare(warm=...)`
+    to make the buffers from once the plan exists. Nothing is built. Empty when no
+    estimate can be made."""
+    sizes = _walk.sizes_once_built(model, include_optimizer)
+    if sizes is None or not buffers or not _processes.is_writer():
+        return []
+    reader = snapshotter_for(plan_for(model, include_optimizer)).reader
+    if reader is None:
+        return []
+    least = reader.arena_min_bytes()
+    size = _snapshot.arena_bytes([n for n in sizes if n >= least])
+    return [_snapshot.warm_block(size, reader) for _ in range(buffers)]
+
+
+def reserve_spares(
+    model: keras.Model,
+    path: str,
+    count: int,
+    *,
+    include_optimizer: bool = True,
+    after: Sequence[_fastckpt.Job] = (),
+) -> list[tuple[pathlib.Path, _fastckpt.Job]]:
+    """`count` files beside `path` (if its folder exists) with room for a save of `model`,
+    each reserved on a low-priority thread, for the first saves to write into instead of
+    new files (`start_save(reuse=file, queue_after=[job])`): their memory (tmpfs) or
+    blocks allocated ahead. They are reserved one after the other once every job in
+    `after` has ended (the snapshot buffers' faulting in): on scarce spare CPU, what the
+    saves need first is ready first."""
+    if not _processes.is_writer() or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        return []
+    length = plan_bytes(plan_for(model, include_optimizer))
+    reserved: list[tuple[pathlib.Path, _fastckpt.Job]] = []
+    for _ in range(count):
+        reserved.append(_fastckpt.reserve_spare(path, length, after=list(after)))
+        after = [reserved[-1][1]]
+    return reserved
 
 
 def plan_bytes(plan: SavePlan) -> int:

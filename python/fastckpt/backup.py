@@ -126,8 +126,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._completed_epochs = 0
         self._due = False  # a backup is due at the next point between two steps
         self._job: api.SaveJob | None = None
-        self._job_reuse: str | None = None  # the kept file the job in flight writes into
-        self._kept: str | _fastckpt.Job | None = None
+        # The kept file the backup in flight writes into, and the one the next one will.
+        self._job_reuse: _callbacks._Spare | None = None
+        self._kept: _callbacks._Spare | None = None
         self._preempted: int | None = None
         self._ending = False
         self._fit: _keras_private.RunningFit | None = None
@@ -175,15 +176,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         # Every process has read the backup before process 0 writes the next one.
         _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) restored")
         if self.save_on_background:
-            folder_exists = os.path.isdir(self.backup_dir)
-            prepared = api.prepare(
-                self.model,
-                buffers=1,
-                owner=self,
-                spare_for=self._weights_path if folder_exists else None,
-            )
-            if prepared.spare is not None:
-                self._kept = prepared.spare
+            # The snapshot buffer, then a file for the first backup to write into.
+            arenas = api.prepare(self.model, buffers=1, owner=self)
+            after = [a.prefault for a in arenas if a.prefault is not None]
+            for path, job in api.reserve_spares(self.model, self._weights_path, 1, after=after):
+                self._kept = _callbacks._Spare(os.fspath(path), job)
         self._install_signal_handlers()
 
     def _restore(self, weights: str, metadata: str) -> None:
@@ -385,16 +382,21 @@ class BackupAndRestore(keras.callbacks.Callback):
         # `.bkp` copy is the previous backup, as in Keras: every one is written.
         if self.double_checkpoint or not self._cancel_unbegun():
             self._wait()  # one backup in flight at a time: memory stays one snapshot
-        reuse = self._job_reuse = _callbacks._ready_spare(self._kept)
-        self._kept = None
+        queue_after: list[api.SaveJob | _fastckpt.Job] = [
+            j for c in others for j in c.pending_jobs()
+        ]
+        reuse = self._kept if self._kept is not None and self._kept.usable() else None
+        self._job_reuse, self._kept = reuse, None
+        if reuse is not None and reuse.reserving is not None and not reuse.reserving.done():
+            queue_after.append(reuse.reserving)  # written into once it is filled
         self._job = api.start_save(
             model,
             self._weights_path,
             format="weights_h5",
             background=self.save_on_background and not final,
-            queue_after=[j for c in others for j in c.pending_jobs()],
+            queue_after=queue_after,
             hold=True if final else None,
-            reuse=reuse,
+            reuse=None if reuse is None else reuse.path,
             # A kept file has a second name under `double_checkpoint` (the `.bkp`): the
             # writer would refuse to reuse it.
             keep_replaced=not self.double_checkpoint,
@@ -435,11 +437,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             job.result()
         except BaseException:
             if self._job_reuse is not None:
-                _callbacks._remove_files([self._job_reuse])
+                _callbacks._remove_spare(self._job_reuse)
             raise
         finally:
             self._job_reuse = None
-        self._kept = job.kept
+        self._kept = _callbacks._kept(job)
 
     def _wait(self) -> None:
         self._collect(wait=True)

@@ -19,13 +19,22 @@ import os
 import string
 import sys
 import threading
+import time
 import warnings
 from typing import Any
 
 import keras
 import numpy as np
 
-from fastckpt import _fastckpt, _keras_private, _processes, _training_state, api, formats
+from fastckpt import (
+    _fastckpt,
+    _keras_private,
+    _processes,
+    _snapshot,
+    _training_state,
+    api,
+    formats,
+)
 from fastckpt._keras_private import MonitorCallbackBase, print_msg
 
 # How long one wait for a background save may block before Python gets to run signal
@@ -50,6 +59,21 @@ def _track(handle: api.SaveJob) -> None:
 
 
 @dataclasses.dataclass
+class _Spare:
+    """A file a save can write into instead of a new one (see `ModelCheckpoint._spares`):
+    one that an earlier save replaced, or one reserved ahead, still being filled while
+    `reserving` runs (a write that uses it is queued behind that job)."""
+
+    path: str
+    reserving: _fastckpt.Job | None = None
+
+    def usable(self) -> bool:
+        """False once its reservation failed: it left no file behind."""
+        job = self.reserving
+        return job is None or not job.done() or job.exception() is None
+
+
+@dataclasses.dataclass
 class _Save:
     """A save this callback started: what to report when it is done."""
 
@@ -57,7 +81,7 @@ class _Save:
     filepath: str
     handle: api.SaveJob | api.SaveResult
     # The kept file this save writes into (see `ModelCheckpoint._spares`).
-    reuse: str | None = None
+    reuse: _Spare | None = None
 
     def done(self) -> bool:
         return not isinstance(self.handle, api.SaveJob) or self.handle.done()
@@ -233,15 +257,22 @@ class ModelCheckpoint(MonitorCallbackBase):
             )
 
         self._epochs_since_last_save = 0
-        self._unprepared = False
+        # How far `_prepare` has readied this `fit`'s first saves: None, "warm",
+        # "buffers", "all".
+        self._readied: str | None = None
+        self._prefaults: list[_fastckpt.Job] = []
         # Saves handed to the writer and not yet reported, oldest first.
         self._saves: list[_Save] = []
         # Files this callback wrote, oldest first: (main path, every path of that save).
         self._written: list[tuple[str, tuple[str, ...]]] = []
-        # For each file this callback rewrites, the file its last save replaced, kept
-        # under a temp name for the next save of it to write into (its memory or disk
-        # blocks need no allocating again); removed when training ends.
-        self._spares: dict[str, Any] = {}  # a path, or the job reserving one
+        # For each file this callback rewrites, the files its next saves write into
+        # (memory or disk blocks already allocated, and on tmpfs touched): reserved when
+        # training begins, then each the file that a save replaced, kept under a temp
+        # name. At most `_SPARES_PER_FILE`; removed when training ends.
+        self._spares: dict[str, list[_Spare]] = {}
+        # Memory readied for the snapshot buffers before the save could be planned (see
+        # `_prepare`).
+        self._warm: list[_snapshot.WarmBlock] = []
         self._retention: concurrent.futures.ThreadPoolExecutor | None = None
         self._deletions: list[concurrent.futures.Future[list[tuple[str, OSError]]]] = []
 
@@ -251,34 +282,46 @@ class ModelCheckpoint(MonitorCallbackBase):
         # A save left running by an interrupted `fit` ends (or raises) before a new one.
         self.wait_until_finished()
         _training_state.register(self.model, self)
-        self._unprepared = True
-        self._prepare()
+        self._readied = None
+        self._prepare(stepped=False)
 
-    def _prepare(self) -> None:
-        """Readies the snapshot buffers (see `api.prepare`) once the variables a save
-        holds all exist, so that their memory is faulted in while the first steps run
-        (TensorFlow traces the first one on one core for a second or more)."""
-        if not self._unprepared or not self.model.built:
+    def _prepare(self, stepped: bool = True) -> None:
+        """Readies what the first saves need before they are due, off the training thread
+        (see `api.prepare`): when training begins, the snapshot buffers, their memory
+        faulted in while the first step runs (TensorFlow traces it, JAX compiles it, on
+        one core for a second or more); once a step has run (`stepped`), the files the
+        first writes go into. An optimizer not built yet (TensorFlow builds it in the
+        first step) is not built here, which would only move that step's cost into this
+        hook: memory of the size the buffers are expected to need is readied instead
+        (`api.warm_up`), and the save is planned at the first batch's end, its buffers
+        made from that memory."""
+        if self._readied == "all" or not self.model.built:
             return
+        buffers = self.snapshot_buffers if self.save_on_background else 0
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
-            # TensorFlow without a distribution strategy builds the optimizer in the first
-            # training step; build it now, as Keras does when there is one (and as its
-            # BackupAndRestore does before restoring), so its variables are in the plan.
-            with _strategy_scope(self.model):
-                optimizer.build(self.model.trainable_variables)
-        self._unprepared = False
+            if self._readied is None:
+                self._warm = api.warm_up(self.model, buffers=buffers)
+                self._readied = "warm"
+            return
+        if self._readied != "buffers":
+            arenas = api.prepare(self.model, buffers=buffers, owner=self, warm=self._warm)
+            self._warm = []
+            self._prefaults = [a.prefault for a in arenas if a.prefault is not None]
+            self._readied = "buffers"
+        if not stepped:
+            return
+        self._readied = "all"
         # A file name without placeholders is rewritten by every save: reserve room beside
-        # it now, for the first save to write into (later saves reuse what they replace).
-        fixed = _is_fixed(self.filepath)
-        prepared = api.prepare(
-            self.model,
-            buffers=self.snapshot_buffers if self.save_on_background else 0,
-            owner=self,
-            spare_for=self.filepath if fixed and self.filepath not in self._spares else None,
-        )
-        if prepared.spare is not None:
-            self._spares[os.path.abspath(self.filepath)] = prepared.spare
+        # it for the first two saves to write into (the first replaces nothing when the
+        # file is new), after the buffers; later saves reuse the file the one before them
+        # replaced.
+        path = os.path.abspath(self.filepath)
+        if not _is_fixed(self.filepath) or self._spares.get(path):
+            return
+        count = 1 if os.path.exists(path) else _SPARES_PER_FILE
+        for spare, job in api.reserve_spares(self.model, path, count, after=self._prefaults):
+            self._keep_spare(path, _Spare(os.fspath(spare), job))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self._prepare()
@@ -316,7 +359,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         """Removes the kept files: off the training thread, since freeing a large file
         takes time and nothing waits for it (a leftover is a temp file that the next save
         into its folder sweeps once this process is gone)."""
-        spares, self._spares = list(self._spares.values()), {}
+        spares, self._spares = [s for kept in self._spares.values() for s in kept], {}
         _drop_when_done(spares)
 
     # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
@@ -429,7 +472,12 @@ class ModelCheckpoint(MonitorCallbackBase):
         if not save:
             return
         queued_behind = self._saves[-1].handle if self._saves else None
+        queue_after: list[api.SaveJob | _fastckpt.Job] = []
+        if isinstance(queued_behind, api.SaveJob):
+            queue_after.append(queued_behind)
         reuse = self._take_spare(filepath)
+        if reuse is not None and reuse.reserving is not None and not reuse.reserving.done():
+            queue_after.append(reuse.reserving)  # written into once it is filled
         try:
             # Create host directory if it doesn't exist.
             dirname = os.path.dirname(filepath)
@@ -445,23 +493,23 @@ class ModelCheckpoint(MonitorCallbackBase):
                 weights_only=self.save_weights_only,
                 format=self._format().name,
                 compression=self.compression,
-                queue_after=[queued_behind] if isinstance(queued_behind, api.SaveJob) else [],
+                queue_after=queue_after,
                 # No training step comes between the last checkpoint of a `fit` and the
                 # wait for it in `on_train_end`: its write can read the variables' own
                 # buffers, and the copy is saved.
                 hold=True if self._is_last_step(epoch, batch) else None,
-                reuse=reuse,
+                reuse=None if reuse is None else reuse.path,
                 keep_replaced=True,
             )
             handle = job if self.save_on_background else job.result()
         except BaseException as e:
             if reuse is not None:  # unused, or gone with the failed write
-                _remove_files([reuse])
+                _remove_spare(reuse)
             if isinstance(e, IsADirectoryError):
                 raise _directory_error(filepath) from None
             raise
         if not self.save_on_background:
-            self._keep_spare(filepath, job.kept)
+            self._keep_spare(filepath, _kept(job))
         self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
             _track(handle)
@@ -541,7 +589,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             try:
                 if isinstance(handle, api.SaveJob):
                     result = handle.result()
-                    self._keep_spare(pending.filepath, handle.kept)
+                    self._keep_spare(pending.filepath, _kept(handle))
                 else:
                     result = handle
             except IsADirectoryError:
@@ -549,7 +597,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             except BaseException:
                 # A save that failed before its write began leaves its kept file unused.
                 if pending.reuse is not None:
-                    _remove_files([pending.reuse])
+                    _remove_spare(pending.reuse)
                 raise
             written_here = _processes.is_writer()
             if self.verbose > 0 and _keras_private.PRINTS_FINISHED_SAVING and written_here:
@@ -561,19 +609,24 @@ class ModelCheckpoint(MonitorCallbackBase):
             self._record(result)
             self._report_deletions()
 
-    def _take_spare(self, filepath: str) -> str | None:
-        """The kept file for a save of `filepath` to write into, if one is ready."""
-        return _ready_spare(self._spares.pop(os.path.abspath(filepath), None))
+    def _take_spare(self, filepath: str) -> _Spare | None:
+        """A kept file for a save of `filepath` to write into, if there is one."""
+        kept = self._spares.get(os.path.abspath(filepath), [])
+        while kept:
+            spare = kept.pop(0)
+            if spare.usable():
+                return spare
+        return None
 
-    def _keep_spare(self, filepath: str, spare: str | None) -> None:
-        """Keeps `spare` for the next save of `filepath`; one per file (an extra one, left
-        by two saves of the file in flight at once, is removed)."""
+    def _keep_spare(self, filepath: str, spare: _Spare | None) -> None:
+        """Keeps `spare` for a later save of `filepath`; at most `_SPARES_PER_FILE` (an
+        extra one, left by saves of the file in flight at once, is removed)."""
         if spare is None:
             return
-        previous = self._spares.get(os.path.abspath(filepath))
-        self._spares[os.path.abspath(filepath)] = spare
-        if previous is not None and previous != spare:
-            _drop_when_done([previous])
+        kept = self._spares.setdefault(os.path.abspath(filepath), [])
+        kept.append(spare)
+        if len(kept) > _SPARES_PER_FILE:
+            _drop_when_done([kept.pop(0)])
 
     def _record(self, result: api.SaveResult) -> None:
         # Absolute, so that a change of working folder cannot aim a deletion elsewhere.
@@ -630,6 +683,11 @@ def _strategy_scope(model: Any) -> Any:
 
 _SAFETENSORS_NOTE = " (fastckpt.ModelCheckpoint also accepts `.safetensors`)"
 
+# Files kept for the saves of one file name: the next save's and the one after it, which
+# is what a new file needs (its first save replaces nothing); afterwards each save
+# replaces one and leaves one, so one stays kept.
+_SPARES_PER_FILE = 2
+
 
 def _directory_error(filepath: str) -> OSError:
     return OSError(
@@ -660,30 +718,32 @@ def batches_due(last_seen: int | None, since: int, batch: int, save_freq: int) -
     return (0, True) if since >= save_freq else (since, False)
 
 
-def _ready_spare(spare: str | _fastckpt.Job | None) -> str | None:
-    """A kept file to write into: a path, or the job reserving one (made when training
-    began) once it has succeeded; a reservation still running or failed is dropped."""
-    if spare is None or isinstance(spare, str):
-        return spare
-    if spare.done() and spare.exception() is None:
-        return str(os.fspath(spare.result().paths[0]))
-    _drop_when_done([spare])
-    return None
+def _kept(job: api.SaveJob) -> _Spare | None:
+    """The file a finished save replaced and kept, as a spare."""
+    return None if job.kept is None else _Spare(job.kept)
 
 
-def _drop_when_done(spares: list[Any]) -> None:
-    """Removes kept files (paths, or jobs still reserving one) on a daemon thread."""
+def _remove_spare(spare: _Spare) -> None:
+    """Removes a kept file that no save will use: now, or once its reservation ends."""
+    if spare.reserving is not None and not spare.reserving.done():
+        _drop_when_done([spare])
+    else:
+        _remove_files([spare.path])
+
+
+def _drop_when_done(spares: list[_Spare]) -> None:
+    """Removes kept files on a daemon thread. A reservation that has not begun is dropped
+    (it makes no file); one that has is waited for (it fills the file until it ends)."""
+    spares = [s for s in spares if s.reserving is None or not s.reserving.cancel()]
     if not spares:
         return
 
     def drop() -> None:
-        paths = []
         for spare in spares:
-            if isinstance(spare, str):
-                paths.append(spare)
-            elif spare.wait() and spare.exception() is None:
-                paths.append(os.fspath(spare.result().paths[0]))
-        _remove_files(paths)
+            # Polled, not waited for: a wait would hurry it onto every core.
+            while spare.reserving is not None and not spare.reserving.done():
+                time.sleep(_WAIT_SLICE_S)
+        _remove_files([spare.path for spare in spares])
 
     threading.Thread(target=drop, name="fastckpt-spares", daemon=True).start()
 

@@ -138,12 +138,14 @@ def wholefit_section(idx: Index) -> list[str]:
         "(a new file each time). *Per checkpoint*: all the time `fit` spent in the "
         "callback's hooks (`on_train_begin`, every batch and epoch end, `on_train_end`), over "
         "the number of checkpoints. *First*: `on_train_begin` and every hook up to the first "
-        "save (fastckpt's `on_train_begin` builds the optimizer when TensorFlow has not yet, "
-        "which Keras's first training step does otherwise, and readies the buffers; *train "
-        "begin* shows that hook alone). *Steady*: the median hook of the later saves. *End "
-        "wait*: `on_train_end`, "
-        "until every checkpoint is durable. *Fit*: the whole fit, beside a fit without a "
-        "callback in the same rounds. The copy floor is one copy of the state into memory "
+        "save (*train begin* shows that hook alone). *Steady*: the median hook of the later "
+        "saves. *End wait*: `on_train_end`, until every checkpoint is durable. *Steps*: the "
+        "training steps' time (each step timed alone, between the hooks), over the fit "
+        "without a callback's in the same process: what a writer or a buffer being readied "
+        "in the background takes from training. *Felt*: the hooks plus the steps' extra "
+        "time, per checkpoint: the fit's extra length without the multi-second stalls this "
+        "VM puts between some steps of every fit, which make *fit* (the whole fit, beside a "
+        "fit without a callback) noisy. The copy floor is one copy of the state into memory "
         "already touched, one thread, in the same rounds. Each round runs in a new process, "
         "as a training script does: on this VM the first touch of memory is expensive (the "
         "host backs it then), and every contender pays it.",
@@ -162,7 +164,7 @@ def wholefit_section(idx: Index) -> list[str]:
             out += [
                 f"**{case}**: {r0['checkpoints']} checkpoints, {every}, {r0['steps']} steps; "
                 f"copy floor {fmt_time(floor)}; fit without a callback "
-                f"{cell(base, 'fit_seconds')}.",
+                f"{cell(base, 'fit_seconds')}, its steps {cell(base, 'steps')}.",
                 "",
             ]
             rows = []
@@ -184,6 +186,8 @@ def wholefit_section(idx: Index) -> list[str]:
                         cell(r, "first"),
                         cell(r, "steady"),
                         cell(r, "end_of_fit_wait"),
+                        ratio(median(r, "steps"), median(base, "steps")),
+                        cell(r, "felt"),
                         cell(r, "fit_seconds"),
                     ]
                 )
@@ -197,6 +201,8 @@ def wholefit_section(idx: Index) -> list[str]:
                     "first",
                     "steady",
                     "end wait",
+                    "steps",
+                    "felt",
                     "fit",
                 ],
                 rows,

@@ -200,6 +200,19 @@ def wholefit_checks(idx: Index, target: str) -> list[dict]:
                         f"end-of-fit wait {_ms(median(fck, 'end_of_fit_wait'))}",
                     )
                 )
+            first, steady = median(fck, "first"), median(fck, "steady")
+            if first is not None and steady:
+                rows.append(
+                    _row(
+                        f"first checkpoint <= 1.2x a steady one ({case})",
+                        target,
+                        "<= 1.2x",
+                        _x(first / steady),
+                        first <= 1.2 * steady,
+                        f"first {_ms(first)} (train begin {_ms(median(fck, 'train_begin'))}, "
+                        f"first step {_ms(median(fck, 'first_step'))}), steady {_ms(steady)}",
+                    )
+                )
             for suffix, goal in ((".weights.h5", 3.0), (".keras", 8.0)):
                 mine = idx.named("wholefit", target, case, f"fastckpt ModelCheckpoint {suffix}")
                 theirs = idx.named("wholefit", target, case, f"keras ModelCheckpoint {suffix}")
@@ -216,6 +229,21 @@ def wholefit_checks(idx: Index, target: str) -> list[dict]:
                         f"keras {_ms(a)} vs fastckpt {_ms(b)} per checkpoint",
                     )
                 )
+                felt_a, felt_b = median(theirs, "felt"), median(mine, "felt")
+                if felt_a is not None and felt_b is not None:
+                    rows.append(
+                        _row(
+                            f"felt per checkpoint (hooks + the steps' extra time) less than "
+                            f"keras {suffix} ({case})",
+                            target,
+                            "< 1.0x",
+                            _x(felt_b / felt_a) if felt_a > 0 else "-",
+                            felt_b < felt_a,
+                            f"keras {_ms(felt_a)} vs fastckpt {_ms(felt_b)} per checkpoint "
+                            f"(steps {_ms(median(mine, 'extra_steps'))} longer than without "
+                            "a callback)",
+                        )
+                    )
         elif case.startswith("back to back"):
             for mine in ours:
                 theirs = idx.named("wholefit", target, case, keras_counterpart(mine["contender"]))

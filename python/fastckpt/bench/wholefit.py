@@ -10,6 +10,14 @@ hook up to the first save), the steady state (median hook of the later saves), t
 end-of-fit wait (`on_train_end`, until every checkpoint is durable), and the whole fit's
 time against a fit without a callback in the same round.
 
+What a background writer costs outside the hooks shows in the training steps: each step is
+timed from the last callback's `on_train_batch_begin` to the first callback's
+`on_train_batch_end` (the step alone, no hook in it), and their sum is compared with the
+fit without a callback in the same process. *Felt per checkpoint* adds the two: hooks plus
+the steps' extra time, over the checkpoints, the cost a user feels in the fit's length
+without the multi-second stalls that this VM puts between some steps of every fit
+(performance.md, "Stall").
+
 Cases: a short fit (3 checkpoints) and a long one (20), with checkpoints far apart (a
 background write can end before the next) or back to back (every 2 steps); the copy floor
 (one copy of the saved state into memory already touched, one thread) is measured in the
@@ -155,6 +163,33 @@ def _save_hooks(case: Case, calls: list[tuple[str, float]]) -> list[int]:
     return out[: case.checkpoints]
 
 
+class StepClock:
+    """Times each training step alone: a callback placed last starts the clock when every
+    other `on_train_batch_begin` has run, one placed first stops it before any
+    `on_train_batch_end` runs."""
+
+    def __init__(self) -> None:
+        import keras
+
+        self.seconds: list[float] = []
+        clock = self
+
+        class Start(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+                clock._began = time.perf_counter()
+
+        class Stop(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                clock.seconds.append(time.perf_counter() - clock._began)
+
+        self._began = 0.0
+        self.start, self.stop = Start(), Stop()
+
+    def around(self, callback: Any | None) -> list[Any]:
+        """The callback list of a fit: `callback` between the clock's two halves."""
+        return [self.stop, *([] if callback is None else [callback]), self.start]
+
+
 def summarize(case: Case, calls: list[tuple[str, float]]) -> dict[str, float]:
     """Per checkpoint, first checkpoint, steady state and end-of-fit wait of one fit."""
     saves = _save_hooks(case, calls)
@@ -212,12 +247,14 @@ class Bench:
             )
         return fastckpt.ModelCheckpoint(path, save_weights_only=weights_only, save_freq=case.every)
 
-    def fit(self, case: Case, callback: Any | None) -> tuple[float, Any]:
+    def fit(self, case: Case, callback: Any | None) -> tuple[float, list[float], Any]:
+        """A new model's fit with `callback`: its seconds, each step's seconds, the model."""
         import numpy as np
 
         model = self.model()
         n = case.steps_per_epoch * self.batch
         idx = np.arange(n) % len(self.x)
+        clock = StepClock()
         start = time.perf_counter()
         model.fit(
             self.x[idx],
@@ -226,9 +263,9 @@ class Bench:
             epochs=case.epochs,
             shuffle=False,
             verbose=0,
-            callbacks=[callback] if callback is not None else [],
+            callbacks=clock.around(callback),
         )
-        return time.perf_counter() - start, model
+        return time.perf_counter() - start, clock.seconds, model
 
     def copy_floor(self, model: Any) -> float:
         from fastckpt.bench import floors
@@ -260,8 +297,8 @@ def run_round(
         gc.collect()
         inner = None if name == NO_CALLBACK else bench.callback(name, case)
         timer = None if inner is None else _hook_timer(inner)
-        seconds, model = bench.fit(case, timer)
-        got = {"fit_seconds": seconds}
+        seconds, steps, model = bench.fit(case, timer)
+        got = {"fit_seconds": seconds, "steps": sum(steps), "first_step": steps[0]}
         if timer is not None:
             got.update(summarize(case, timer.calls))
         else:
@@ -270,6 +307,12 @@ def run_round(
         out[name] = got
         del model, timer, inner
         bench.clear()
+    # What each callback cost the steps, against the fit without one in this process.
+    plain = out[NO_CALLBACK]["steps"]
+    for name, got in out.items():
+        if name != NO_CALLBACK:
+            got["extra_steps"] = got["steps"] - plain
+            got["felt"] = (got["blocked"] + got["extra_steps"]) / case.checkpoints
     return out
 
 

@@ -7,7 +7,6 @@
 //! backed by the host first), so the buffers are faulted in once, on a background thread,
 //! before the first snapshot needs them.
 
-use std::io;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 /// One copy of `len` bytes from `src` to `dst`.
@@ -68,39 +67,31 @@ pub unsafe fn copy_parallel(items: &[CopyItem], threads: usize) {
 }
 
 const PAGE: usize = 4096;
-/// Memory is faulted in this much at a time: `MADV_POPULATE_WRITE` holds the process's
-/// memory-map lock while it works, and anything that maps or unmaps memory meanwhile (the
-/// training thread's allocator) waits for it; small steps keep that wait short.
-const PREFAULT_STEP: usize = 2 << 20;
 
 /// Faults in every whole page of `[ptr, ptr + len)` for writing, without changing a byte:
-/// `MADV_POPULATE_WRITE` (Linux 5.14), else an atomic no-op write to each page. Safe to run
-/// while another thread writes the same memory (a snapshot that did not wait for it).
+/// an atomic compare-and-swap of each page's first byte with itself, a write to the page
+/// that cannot lose a concurrent write of the byte (a snapshot that did not wait for this
+/// may be writing the same memory).
+///
+/// Page by page, not `MADV_POPULATE_WRITE`: that holds the process's memory-map lock while
+/// it works, and this runs at the lowest priority while training runs; preempted with the
+/// lock held, it made every `mmap` and `munmap` of the training step wait for it to get a
+/// core again (TensorFlow's first step took 2.4x as long). A page fault takes only the lock
+/// of the mapping it falls in, this buffer's own. Not `fetch_or(0)` either: a read-modify-
+/// write that changes nothing may be compiled into a plain load, which maps the shared
+/// zero page and allocates nothing.
 ///
 /// # Safety
 /// The range must be mapped, writable memory that stays mapped for the whole call.
-pub unsafe fn prefault(ptr: *mut u8, len: usize) -> io::Result<()> {
+pub unsafe fn prefault(ptr: *mut u8, len: usize) {
     let start = (ptr as usize).next_multiple_of(PAGE);
     let end = (ptr as usize + len) / PAGE * PAGE;
-    let mut at = start;
-    while at < end {
-        let step = PREFAULT_STEP.min(end - at);
-        let rc = libc::madvise(at as *mut libc::c_void, step, libc::MADV_POPULATE_WRITE);
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINVAL) {
-                return Err(err);
-            }
-            // An older kernel: touch each page. `fetch_or(0)` is a write to the page (so
-            // the kernel maps it writable) that cannot lose a concurrent write of the byte.
-            for page in (at..at + step).step_by(PAGE) {
-                // SAFETY: the page lies inside the caller's mapped, writable range.
-                unsafe { (*(page as *const AtomicU8)).fetch_or(0, Ordering::Relaxed) };
-            }
-        }
-        at += step;
+    for page in (start..end).step_by(PAGE) {
+        // SAFETY: the page lies inside the caller's mapped, writable range.
+        let byte = unsafe { &*(page as *const AtomicU8) };
+        let seen = byte.load(Ordering::Relaxed);
+        let _ = byte.compare_exchange(seen, seen, Ordering::Relaxed, Ordering::Relaxed);
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -137,9 +128,62 @@ mod tests {
         let mut buf: Vec<u8> = (0..(3 * PAGE + 123)).map(|i| (i % 251) as u8).collect();
         let before = buf.clone();
         // SAFETY: the vector's buffer is mapped and writable.
-        unsafe { prefault(buf.as_mut_ptr().add(5), buf.len() - 5).unwrap() };
+        unsafe { prefault(buf.as_mut_ptr().add(5), buf.len() - 5) };
         assert_eq!(buf, before);
         // An empty or sub-page range is a no-op.
-        unsafe { prefault(buf.as_mut_ptr().add(1), 10).unwrap() };
+        unsafe { prefault(buf.as_mut_ptr().add(1), 10) };
+    }
+
+    /// The resident bytes of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn resident(addr: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let range = line.split_whitespace().next().unwrap_or("");
+            let Some((from, _)) = range.split_once('-') else {
+                continue;
+            };
+            if usize::from_str_radix(from, 16) != Ok(addr) {
+                continue;
+            }
+            for field in lines.by_ref() {
+                if let Some(kib) = field.strip_prefix("Rss:") {
+                    let kib = kib.trim().trim_end_matches("kB").trim();
+                    return kib.parse::<usize>().unwrap() * 1024;
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x} in /proc/self/smaps");
+    }
+
+    #[test]
+    fn prefault_allocates_every_page() {
+        // A mapping of our own (fenced by inaccessible pages, so that the kernel cannot
+        // merge it with a neighbour), whose resident size is ours alone to read.
+        let len = 64 * PAGE;
+        // SAFETY: a new private anonymous mapping, unmapped below.
+        let fenced = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len + 2 * PAGE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(fenced, libc::MAP_FAILED);
+        // SAFETY: the middle of the mapping made above.
+        let ptr = unsafe { fenced.cast::<u8>().add(PAGE) };
+        // SAFETY: changes the protection of pages of that mapping only.
+        let rc = unsafe { libc::mprotect(ptr.cast(), len, libc::PROT_READ | libc::PROT_WRITE) };
+        assert_eq!(rc, 0);
+        assert_eq!(resident(ptr as usize), 0);
+        // SAFETY: the range is `len` bytes, writable, and stays mapped for the call.
+        unsafe { prefault(ptr, len) };
+        // Pages only read would map the shared zero page and not count as resident.
+        assert_eq!(resident(ptr as usize), len);
+        // SAFETY: unmaps the mapping made above, no longer used.
+        unsafe { libc::munmap(fenced, len + 2 * PAGE) };
     }
 }

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use fastckpt_core::io::{self, Effort};
+use fastckpt_core::io::{self, Effort, Width};
 use fastckpt_core::{host, Output};
 use numpy::PyUntypedArray;
 use pyo3::exceptions::PyValueError;
@@ -56,8 +56,7 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
         let held = owner;
         // SAFETY: `held` keeps the array, and so its buffer, alive; prefaulting never
         // changes a byte, so it may race with writers of the same memory.
-        unsafe { host::prefault(held.ptr, held.len) }
-            .map_err(|e| fastckpt_core::Error::io("prefault snapshot memory", PathBuf::new(), e))?;
+        unsafe { host::prefault(held.ptr, held.len) };
         Ok(Output::new(Vec::new(), held.len as u64))
     };
     Ok(PyJob::start_named(
@@ -70,19 +69,37 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
 }
 
 /// Makes a temp file beside `target` with `length` bytes reserved, on a low-priority
-/// thread; the job's `result().paths[0]` is the file, for a first write to reuse
-/// (`WriteOptions(reuse=...)`).
+/// thread (every core once it is waited for) once every job in `after` has ended; returns
+/// its path (chosen at once, so that a write can be queued behind the job to reuse it:
+/// `WriteOptions(reuse=path, queue_after=[job])`) and the job.
 #[pyfunction]
-pub fn reserve_spare(py: Python<'_>, target: PathBuf, length: u64) -> PyJob {
+#[pyo3(signature = (target, length, *, after=Vec::new()))]
+pub fn reserve_spare(
+    py: Python<'_>,
+    target: PathBuf,
+    length: u64,
+    after: Vec<PyRef<'_, PyJob>>,
+) -> (PathBuf, PyJob) {
+    let temp = io::temp_path_for(&target);
+    let spare = temp.clone();
+    // One thread, and every core once a write queued behind it is waited for.
+    let width = Width {
+        threads: 1,
+        hurried_threads: io::default_threads(),
+        effort: Effort::default(),
+    };
+    let effort = width.effort.clone();
     let work = move || {
-        let spare = io::reserve_spare(&target, length)?;
+        io::reserve_spare_at(&spare, &target, length, &width)?;
         Ok(Output::new(vec![spare], length))
     };
-    PyJob::start_named(
+    let after = after.iter().map(|j| &**j).collect();
+    let job = PyJob::start_named(
         "fastckpt-prefault",
         py,
         work,
-        When::Background { after: Vec::new() },
-        Effort::default(),
-    )
+        When::Background { after },
+        effort,
+    );
+    (temp, job)
 }

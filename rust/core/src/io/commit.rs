@@ -348,30 +348,37 @@ fn open_temp(temp: &Path, target: &Path, reused: bool) -> Result<File> {
 /// run left there (its temp files are worth their size in space, and a resumed run may
 /// never write that name again to sweep them).
 pub fn reserve_spare(target: &Path, len: u64) -> Result<PathBuf> {
+    let temp = temp_path_for(target);
+    reserve_spare_at(&temp, target, len, &Width::fixed(1))?;
+    Ok(temp)
+}
+
+/// [`reserve_spare`] into `temp`, a name from [`temp_path_for`] chosen by the caller (a
+/// write can then be queued to reuse it before the reservation has ended; a write whose
+/// kept file is missing, after a reservation that failed, makes a new temp file instead),
+/// touching the memory of a file in memory on `width`'s threads: one, and every core once
+/// somebody waits for it (a write queued behind it that is waited for).
+pub fn reserve_spare_at(temp: &Path, target: &Path, len: u64, width: &Width) -> Result<()> {
     if let Ok(dir) = folder_of(target) {
         sweep_stale_temps(&dir);
     }
-    let temp = temp_path_for(target);
     let made = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o666)
         .custom_flags(libc::O_CLOEXEC)
-        .open(&temp)
+        .open(temp)
         .and_then(|file| {
             reserve(&file, len)?;
             if in_memory(&file) {
-                touch(&file, len)?;
+                touch(&file, len, width)?;
             }
             Ok(())
         });
-    match made {
-        Ok(()) => Ok(temp),
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            Err(Error::io("reserve space beside", target, e))
-        }
-    }
+    made.map_err(|e| {
+        let _ = std::fs::remove_file(temp);
+        Error::io("reserve space beside", target, e)
+    })
 }
 
 /// Whether the file lives on a filesystem in memory (tmpfs, ramfs).
@@ -389,16 +396,14 @@ fn in_memory(file: &File) -> bool {
     kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
-/// Writes zeros over `[0, len)`.
-fn touch(file: &File, len: u64) -> io::Result<()> {
-    let zeros = vec![0u8; (8 << 20).min(len as usize)];
-    let mut at = 0;
-    while at < len {
-        let n = (len - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    Ok(())
+/// Writes zeros over `[0, len)`, a piece at a time on `width`'s threads.
+fn touch(file: &File, len: u64, width: &Width) -> io::Result<()> {
+    let pieces = plan_pieces(&[(0, len as usize)], false);
+    let zeros = vec![0u8; pieces.first().map_or(0, |p| p.span as usize)];
+    run_pieces_with(&pieces, width, |piece| {
+        fault::delay();
+        file.write_all_at(&zeros[..piece.span as usize], piece.offset)
+    })
 }
 
 /// Sizes the file up front: a full disk or a file-size limit fails here, before any payload

@@ -1,6 +1,7 @@
 //! Fault injection for tests: with the `fault-injection` feature, a test can make one stage
-//! of the next saves fail with an OS error, or slow every payload write down so that it can
-//! act while a save is surely in progress (remove the folder, interrupt, exit, race).
+//! of the next saves fail with an OS error, or slow every payload write (and every piece of a
+//! spare file's reservation) down so that it can act while a save is surely in progress
+//! (remove the folder, interrupt, exit, race).
 //! Without the feature every check compiles to nothing.
 
 /// The stages a fault can be injected at.

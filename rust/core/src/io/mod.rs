@@ -11,8 +11,8 @@ mod set;
 mod temp;
 
 pub use commit::{
-    reserve_spare, write_body, write_file, write_file_keeping, Body, Progress, WriteOptions,
-    Written,
+    reserve_spare, reserve_spare_at, write_body, write_file, write_file_keeping, Body, Progress,
+    WriteOptions, Written,
 };
 pub(crate) use parallel::background_priority;
 pub use parallel::combine;
