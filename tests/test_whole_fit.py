@@ -283,6 +283,26 @@ def test_reservations_run_one_after_the_other(memory_folder, fault_injection):
     assert os.path.getsize(first) == os.path.getsize(second) == 24 << 20
 
 
+def test_a_save_takes_the_readiest_kept_file(memory_folder, fault_injection):
+    """A save dropped before its write began hands its reserved file back behind the other
+    one: the next save takes whichever is ready (or nearest to it), not the first in line."""
+    target = memory_folder / "c.weights.h5"
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_weights_only=True)
+    with slow_writes(100):
+        first, first_job = _fastckpt.reserve_spare(target, 24 << 20)
+        second, second_job = _fastckpt.reserve_spare(target, 24 << 20, after=[first_job])
+        ckpt._keep_spare(str(target), fastckpt_callbacks._Spare(str(second), second_job))
+        ckpt._keep_spare(str(target), fastckpt_callbacks._Spare(str(first), first_job))
+        while not first_job.begun():
+            time.sleep(0.001)
+        assert ckpt._take_spare(str(target)).path == str(first), "the one being reserved"
+        first_job.result()
+        second_job.result()
+    os.remove(first)  # taken: no save wrote into it
+    ckpt._drop_spares()
+    assert wait_for_no_temp_files(memory_folder) == []
+
+
 def test_no_room_is_reserved_for_file_names_with_fields(tmp_path):
     seen = []
 

@@ -72,6 +72,11 @@ class _Spare:
         job = self.reserving
         return job is None or not job.done() or job.exception() is None
 
+    def readiness(self) -> int:
+        """0: ready to write into; 1: being reserved; 2: reservation not begun."""
+        job = self.reserving
+        return 0 if job is None or job.done() else 1 if job.begun() else 2
+
 
 @dataclasses.dataclass
 class _Save:
@@ -266,9 +271,9 @@ class ModelCheckpoint(MonitorCallbackBase):
         # Files this callback wrote, oldest first: (main path, every path of that save).
         self._written: list[tuple[str, tuple[str, ...]]] = []
         # For each file this callback rewrites, the files its next saves write into
-        # (memory or disk blocks already allocated, and on tmpfs touched): reserved when
-        # training begins, then each the file that a save replaced, kept under a temp
-        # name. At most `_SPARES_PER_FILE`; removed when training ends.
+        # (memory or disk blocks already allocated, and on tmpfs touched): reserved after
+        # the first training step, then each the file that a save replaced, kept under a
+        # temp name. At most `_SPARES_PER_FILE`; removed when training ends.
         self._spares: dict[str, list[_Spare]] = {}
         # Memory readied for the snapshot buffers before the save could be planned (see
         # `_prepare`).
@@ -610,13 +615,17 @@ class ModelCheckpoint(MonitorCallbackBase):
             self._report_deletions()
 
     def _take_spare(self, filepath: str) -> _Spare | None:
-        """A kept file for a save of `filepath` to write into, if there is one."""
-        kept = self._spares.get(os.path.abspath(filepath), [])
-        while kept:
-            spare = kept.pop(0)
-            if spare.usable():
-                return spare
-        return None
+        """A kept file for a save of `filepath` to write into, if there is one: the readiest
+        (one whose reservation has ended, else the one reserved first, which a dropped
+        save may have handed back behind a later one)."""
+        kept = [s for s in self._spares.get(os.path.abspath(filepath), []) if s.usable()]
+        if not kept:
+            self._spares.pop(os.path.abspath(filepath), None)
+            return None
+        spare = min(kept, key=_Spare.readiness)
+        kept.remove(spare)
+        self._spares[os.path.abspath(filepath)] = kept
+        return spare
 
     def _keep_spare(self, filepath: str, spare: _Spare | None) -> None:
         """Keeps `spare` for a later save of `filepath`; at most `_SPARES_PER_FILE` (an

@@ -84,6 +84,8 @@ impl PyWriteOptions {
         if self.background {
             opts.width.threads = self.threads.unwrap_or_else(io::default_background_threads);
             opts.width.hurried_threads = opts.width.threads.max(all);
+        } else {
+            opts.width.effort.hurry(); // its caller waits for it from the start
         }
         opts.direct_io = self.direct_io;
         opts.reuse = self.reuse.clone();

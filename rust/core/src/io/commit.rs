@@ -7,10 +7,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::direct::DirectFile;
 use super::fault::{self, Stage};
+use super::mapped::MappedFile;
 use super::parallel::{plan_pieces, run_pieces_with, Digests, Width};
 use super::temp::{sweep_stale_temps, temp_path_for};
 use crate::error::{Error, Result};
@@ -259,6 +260,15 @@ pub(crate) fn write_temp(
     } else {
         None
     };
+    // A file in memory is written through a mapping of it once the write is waited for
+    // (see `mapped.rs`): made then, the space allocated by now (a full tmpfs has already
+    // failed above).
+    let mapping: OnceLock<Option<MappedFile>> = OnceLock::new();
+    let mapped = || {
+        let waited = direct.is_none() && opts.width.effort.is_hurried();
+        let mapping = waited.then(|| mapping.get_or_init(|| MappedFile::open(&file, len)));
+        mapping.and_then(Option::as_ref)
+    };
     run_pieces_with(&pieces, &opts.width, |piece| {
         fault::delay();
         fault::check(Stage::Write)?;
@@ -266,9 +276,10 @@ pub(crate) fn write_temp(
         let mut scratch = Vec::new();
         if let [e] = piece.extents.as_slice() {
             let bytes = tensors[slots[e.item].tensor].piece(e.start, e.len, &mut scratch)?;
-            match &direct {
-                Some(d) => d.write_all_at(&file, bytes, e.offset)?,
-                None => file.write_all_at(bytes, e.offset)?,
+            match (&direct, mapped()) {
+                (Some(d), _) => d.write_all_at(&file, bytes, e.offset)?,
+                (None, Some(m)) => m.write_all_at(bytes, e.offset)?,
+                (None, None) => file.write_all_at(bytes, e.offset)?,
             }
             digests.record(e.item, e.start, bytes);
             opts.progress.add(e.len as u64);
@@ -282,12 +293,16 @@ pub(crate) fn write_temp(
             buf[at..at + e.len].copy_from_slice(bytes);
             digests.record(e.item, e.start, bytes);
         }
-        file.write_all_at(&buf, piece.offset)?;
+        match mapped() {
+            Some(m) => m.write_all_at(&buf, piece.offset)?,
+            None => file.write_all_at(&buf, piece.offset)?,
+        }
         opts.progress
             .add(piece.extents.iter().map(|e| e.len as u64).sum());
         Ok(())
     })
     .map_err(|e| Error::io("write", target, e))?;
+    drop(mapping);
 
     let regions = layout.regions(&digests.finish())?;
     for region in &regions {
@@ -320,14 +335,18 @@ pub(crate) fn write_temp(
 
 /// Opens the temp file a write fills: a new one, or the kept file it reuses.
 fn open_temp(temp: &Path, target: &Path, reused: bool) -> Result<File> {
+    // Read as well as write: a file in memory is written through a shared mapping of it,
+    // which needs a descriptor open for reading.
     if reused {
         OpenOptions::new()
+            .read(true)
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open(temp)
             .map_err(|e| Error::io("open the kept file beside", target, e))
     } else {
         OpenOptions::new()
+            .read(true)
             .write(true)
             .create_new(true)
             .mode(0o666)
@@ -382,7 +401,7 @@ pub fn reserve_spare_at(temp: &Path, target: &Path, len: u64, width: &Width) -> 
 }
 
 /// Whether the file lives on a filesystem in memory (tmpfs, ramfs).
-fn in_memory(file: &File) -> bool {
+pub(crate) fn in_memory(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     // SAFETY: `fstatfs` fills the zeroed struct we own, from an open descriptor.

@@ -5,6 +5,7 @@
 mod commit;
 mod direct;
 pub mod fault;
+mod mapped;
 mod parallel;
 mod read;
 mod set;
