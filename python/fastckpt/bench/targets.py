@@ -237,7 +237,7 @@ def wholefit_checks(idx: Index, target: str) -> list[dict]:
                             f"keras {suffix} ({case})",
                             target,
                             "< 1.0x",
-                            _x(felt_b / felt_a) if felt_a > 0 else "-",
+                            _x(max(felt_b, 0.0) / felt_a) if felt_a > 0 else "-",
                             felt_b < felt_a,
                             f"keras {_ms(felt_a)} vs fastckpt {_ms(felt_b)} per checkpoint "
                             f"(steps {_ms(median(mine, 'extra_steps'))} longer than without "
