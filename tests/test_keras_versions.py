@@ -52,6 +52,32 @@ def test_a_walk_builds_no_reference_objects_once_keras_knows_what_to_skip(monkey
     assert again.groups == first.groups
 
 
+def test_a_first_walk_builds_one_reference_object_a_type(monkeypatch):
+    """A thread's first walk (Keras's state is per thread: a new thread has none) builds a
+    reference object once for each kind of object it visits, not once for every object:
+    here one for the `Sequential` and one for all six of its layers."""
+    import threading
+
+    from keras.src.layers.layer import Layer
+
+    from fastckpt import _walk
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), *[keras.layers.Dense(3) for _ in range(6)]])
+    built = []
+    real_init = Layer.__init__
+
+    def init(self, *args, **kwargs):
+        built.append(type(self))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Layer, "__init__", init)
+    walker = threading.Thread(target=_walk.walk, args=(model,))
+    walker.start()
+    walker.join()
+    assert built == [Layer, Layer], built
+
+
 def test_a_walk_leaves_kerass_state_as_it_was():
     """What the walk puts in Keras's per-thread state for its traversal is gone after it."""
     from keras.src.backend.common import global_state

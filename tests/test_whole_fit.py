@@ -181,22 +181,27 @@ def test_the_expected_size_of_a_save_is_what_the_optimizer_builds(optimizer):
 
 
 def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
-    """After the first step, two files are reserved beside a file name without fields (the
-    first save replaces nothing, so the second has no replaced file to write into); the
-    first two saves write into them, and each later save into the file the save before it
-    replaced. Watched through the files' inodes; the content is Keras's; no reserved or
-    kept file stays once training has ended."""
-    reserved: list[set[int]] = []
+    """A file name without fields gets a file reserved beside it after the first step, for
+    the first save to write into; a new file's first save replaces nothing, so a second is
+    reserved once the first save's write has ended, for the second save. Each later save
+    writes into the file the save before it replaced. Watched through the files' inodes;
+    the content is Keras's; no reserved or kept file stays once training has ended."""
+    reserved: list[int] = []
     inodes = []
     target = tmp_path / "c.safetensors"
 
     class Before(keras.callbacks.Callback):  # placed before `ckpt`
         def on_epoch_end(self, epoch, logs=None):
-            if epoch == 0:
+            if epoch < 2:
+                # The next reserved file, once it exists (kept files are temp files too).
                 deadline = time.monotonic() + 30
-                while len(temp_files(tmp_path)) < 2 and time.monotonic() < deadline:
+                while time.monotonic() < deadline:
+                    found = {os.stat(tmp_path / n).st_ino for n in temp_files(tmp_path)}
+                    new = found - set(reserved) - set(inodes)
+                    if new:
+                        reserved.append(new.pop())
+                        break
                     time.sleep(0.01)
-                reserved.append({os.stat(tmp_path / n).st_ino for n in temp_files(tmp_path)})
 
     class After(keras.callbacks.Callback):  # placed after `ckpt`
         def on_epoch_end(self, epoch, logs=None):
@@ -206,8 +211,8 @@ def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
     ckpt = fastckpt.ModelCheckpoint(str(target))
     oracle = KerasOracle(tmp_path / "oracle")
     fit([Before(), ckpt, After(), oracle], epochs=4)
-    assert len(reserved[0]) == 2, "two files reserved beside c.safetensors"
-    assert set(inodes[:2]) == reserved[0], (inodes, reserved)
+    assert len(reserved) == 2, "a file reserved before each of the first two saves"
+    assert inodes[:2] == reserved, (inodes, reserved)
     assert inodes[2:] == inodes[:2], "later saves write into the file replaced before them"
     assert_holds(target, oracle.values("e4"))
     assert wait_for_no_temp_files(tmp_path) == []

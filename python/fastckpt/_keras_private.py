@@ -127,6 +127,8 @@ def walk_saveables(model: keras.Model, store: CollectingStore, skip: set[int]) -
 
 _SKIPSET_STORED = "saving_attr_skipset_"
 _SKIPSET_LOOKED_UP = "saving_attr_skiplist_"
+# One walk at a time swaps Keras's lookup (see `_attribute_skipsets_cached`).
+_WALK_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -136,20 +138,37 @@ def _attribute_skipsets_cached() -> Iterator[None]:
     `Layer`, an `Optimizer` and its variables), then caches under a key it never looks up
     (it stores `saving_attr_skipset_<type>` and reads `saving_attr_skiplist_<type>`, Keras
     3.12-3.15): every object of every walk builds one, three quarters of a walk's time.
-    Here the key it reads holds the sets it stored (the same answers); afterwards Keras's
-    state is as it was (it is per thread, and this runs on the walking thread only)."""
+    During the walk the key it reads holds each answer as soon as it has one (the same
+    sets), so a type's reference object is built once, by the thread's first walk;
+    afterwards Keras's state and module are as they were (the state is per thread, and
+    the lookup is swapped under a lock)."""
     state = vars(global_state.GLOBAL_STATE_TRACKER)
-    added = []
+    added: list[str] = []
+    # What earlier walks of this thread found (Keras keeps it, under the other key).
     for key, skipset in list(state.items()):
-        twin = _SKIPSET_LOOKED_UP + key[len(_SKIPSET_STORED) :]
-        if key.startswith(_SKIPSET_STORED) and skipset is not None and twin not in state:
-            state[twin] = skipset
-            added.append(twin)
-    try:
-        yield
-    finally:
-        for key in added:
-            state.pop(key, None)
+        if key.startswith(_SKIPSET_STORED) and skipset is not None:
+            looked_up = _SKIPSET_LOOKED_UP + key[len(_SKIPSET_STORED) :]
+            if looked_up not in state:
+                state[looked_up] = skipset
+                added.append(looked_up)
+    keras_lookup = saving_lib.get_attr_skipset
+
+    def lookup(obj_type: str) -> Any:
+        skipset = keras_lookup(obj_type)
+        key = _SKIPSET_LOOKED_UP + obj_type
+        if key not in state and vars(global_state.GLOBAL_STATE_TRACKER) is state:
+            state[key] = skipset
+            added.append(key)
+        return skipset
+
+    with _WALK_LOCK:
+        saving_lib.get_attr_skipset = lookup
+        try:
+            yield
+        finally:
+            saving_lib.get_attr_skipset = keras_lookup
+            for key in added:
+                state.pop(key, None)
 
 
 def _store_variables(optimizer: Any, store: Any) -> None:

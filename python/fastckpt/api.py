@@ -444,21 +444,22 @@ def reserve_spares(
     count: int,
     *,
     include_optimizer: bool = True,
-    after: Sequence[_fastckpt.Job] = (),
+    after: Sequence[SaveJob | _fastckpt.Job] = (),
 ) -> list[tuple[pathlib.Path, _fastckpt.Job]]:
     """`count` files beside `path` (if its folder exists) with room for a save of `model`,
     each reserved on a low-priority thread, for the first saves to write into instead of
     new files (`start_save(reuse=file, queue_after=[job])`): their memory (tmpfs) or
     blocks allocated ahead. They are reserved one after the other once every job in
-    `after` has ended (the snapshot buffers' faulting in): on scarce spare CPU, what the
-    saves need first is ready first."""
+    `after` has ended (the snapshot buffers' faulting in, a write): on scarce spare CPU,
+    what the saves need first is ready first."""
     if not _processes.is_writer() or not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         return []
     length = plan_bytes(plan_for(model, include_optimizer))
     reserved: list[tuple[pathlib.Path, _fastckpt.Job]] = []
+    jobs = [j for j in map(_native_job, after) if j is not None]
     for _ in range(count):
-        reserved.append(_fastckpt.reserve_spare(path, length, after=list(after)))
-        after = [reserved[-1][1]]
+        reserved.append(_fastckpt.reserve_spare(path, length, after=jobs))
+        jobs = [reserved[-1][1]]
     return reserved
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
-import contextlib
 import dataclasses
 import numbers
 import os
@@ -266,6 +265,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         # "buffers", "all".
         self._readied: str | None = None
         self._prefaults: list[_fastckpt.Job] = []
+        # Whether the second save of a new file still needs a file reserved (`_prepare`).
+        self._second_spare = False
         # Saves handed to the writer and not yet reported, oldest first.
         self._saves: list[_Save] = []
         # Files this callback wrote, oldest first: (main path, every path of that save).
@@ -318,14 +319,24 @@ class ModelCheckpoint(MonitorCallbackBase):
             return
         self._readied = "all"
         # A file name without placeholders is rewritten by every save: reserve room beside
-        # it for the first two saves to write into (the first replaces nothing when the
-        # file is new), after the buffers; later saves reuse the file the one before them
-        # replaced.
+        # it for the first save to write into, after the buffers; when the file is new,
+        # the first save replaces nothing, so the second gets a file reserved too, once
+        # the first is written (`_reserve_second`: not beside the first snapshot, whose
+        # copy would share the machine with it). Later saves reuse the file the one
+        # before them replaced.
         path = os.path.abspath(self.filepath)
         if not _is_fixed(self.filepath) or self._spares.get(path):
             return
-        count = 1 if os.path.exists(path) else _SPARES_PER_FILE
-        for spare, job in api.reserve_spares(self.model, path, count, after=self._prefaults):
+        self._second_spare = not os.path.exists(path)
+        for spare, job in api.reserve_spares(self.model, path, 1, after=self._prefaults):
+            self._keep_spare(path, _Spare(os.fspath(spare), job))
+
+    def _reserve_second(self, after: api.SaveJob) -> None:
+        """Reserves the file the second save of a new file writes into, once the first
+        save's write (`after`) has ended (see `_prepare`)."""
+        self._second_spare = False
+        path = os.path.abspath(self.filepath)
+        for spare, job in api.reserve_spares(self.model, path, 1, after=[after]):
             self._keep_spare(path, _Spare(os.fspath(spare), job))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -518,6 +529,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
             _track(handle)
+            if self._second_spare:
+                self._reserve_second(handle)
         else:
             self._collect()
 
@@ -678,16 +691,6 @@ class ModelCheckpoint(MonitorCallbackBase):
             self._retention.shutdown(wait=True)
             self._retention = None
         self._report_deletions(wait=True)
-
-
-def _strategy_scope(model: Any) -> Any:
-    """The scope of the model's TensorFlow distribution strategy, where it has one."""
-    if (
-        keras.backend.backend() != "tensorflow"
-        or getattr(model, "distribute_strategy", None) is None
-    ):
-        return contextlib.nullcontext()
-    return model.distribute_strategy.scope()
 
 
 _SAFETENSORS_NOTE = " (fastckpt.ModelCheckpoint also accepts `.safetensors`)"
