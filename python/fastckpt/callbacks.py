@@ -553,6 +553,8 @@ class ModelCheckpoint(MonitorCallbackBase):
                     )
         while sum(not s.done() for s in self._saves) >= self.snapshot_buffers:
             self._collect(wait=True)
+        # A save may have ended after the first look: its line comes before the next save's.
+        self._collect()
 
     def _is_last_step(self, epoch: int, batch: int | None) -> bool:
         """Whether `fit` ends right after this hook, with no training step in between."""
