@@ -50,7 +50,9 @@ def parse(log: str) -> list[Call]:
 def temp_name_re(target: str) -> re.Pattern[str]:
     """The names fastckpt gives the temp file of a save to `target`."""
     folder, name = os.path.split(target)
-    return re.compile(re.escape(folder) + r"/\." + re.escape(name) + r"\.fastckpt-\d+-\d+\.tmp")
+    return re.compile(
+        re.escape(folder) + r"/\." + re.escape(name) + r"\.fastckpt-[0-9a-f]{8}-\d+-\d+\.tmp"
+    )
 
 
 def fd_of(call: Call) -> int | None:

@@ -53,7 +53,7 @@ def kill_rounds(forkserver, folder, fmt, kills, rng, model, states, writer="fast
         if writer == "fastckpt":
             for name in temps:
                 assert is_temp_name(name), f"unexpected file after a kill: {name}"
-                assert re.search(rf"\.fastckpt-{child.pid}-\d+\.tmp$", name), name
+                assert re.search(rf"\.fastckpt-[0-9a-f]{{8}}-{child.pid}-\d+\.tmp$", name), name
             leftover = temps
         saves = len(child.events_named("saved")) + 1
         try:

@@ -204,7 +204,8 @@ pub(crate) fn reusable(path: &Path, dir: &Path) -> bool {
     let ours = path.parent() == Some(dir)
         && path
             .file_name()
-            .is_some_and(|n| super::temp::writer_pid(n) == Some(std::process::id() as i32));
+            .and_then(super::temp::writer)
+            .is_some_and(|w| w.is_us());
     ours && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.nlink() == 1)
 }
 
