@@ -30,6 +30,7 @@ from callback_support import (
     fit_with,
     fresh_model,
 )
+from fastckpt import callbacks as fastckpt_callbacks
 
 SAFETENSORS = ".safetensors"
 
@@ -359,10 +360,11 @@ def test_bad_arguments_raise_what_keras_raises(kwargs):
     with pytest.raises(Exception) as ours:
         fastckpt.ModelCheckpoint(**kwargs)
     assert type(ours.value) is type(theirs.value)
-    # Ours may add one note (that `.safetensors` is accepted too), after Keras's text.
+    # Ours may add one note (that `.safetensors` and `.shards.json` are accepted too), after
+    # Keras's text.
     assert str(ours.value) in (
         str(theirs.value),
-        str(theirs.value) + " (fastckpt.ModelCheckpoint also accepts `.safetensors`)",
+        str(theirs.value) + fastckpt_callbacks._SAFETENSORS_NOTE,
     )
 
 

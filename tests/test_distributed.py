@@ -159,13 +159,177 @@ def test_a_failed_write_on_process_0_fails_the_save_on_every_process(tmp_path):
     assert not [p for p in folder.iterdir() if is_temp_name(p.name)]
 
 
-def test_a_variable_split_over_processes_is_refused_on_every_process(tmp_path):
+def test_a_variable_split_over_processes_is_refused_by_a_one_writer_format(tmp_path):
     events, renamed = run_pair("model parallel", tmp_path, tmp_path)
     for process in events:
         (raised,) = named(process, "raised")
-        assert raised["type"] == "NotImplementedError"
+        assert raised["type"] == "ValueError"
         assert raised["message"].startswith("layers/dense/vars/0: sharded over 2 processes")
+        assert "`.shards.json`" in raised["message"]
     assert renamed == [[], []]
+
+
+# Every process writes its parts: `.shards.json` ------------------------------------------
+
+
+def parts_of(folder: Path, index: str) -> list[str]:
+    """The part files of the set `index` names (from the index, as written)."""
+    document = json.loads((folder / index).read_text())
+    return sorted({p["file"] for t in document["tensors"].values() for p in t["parts"]})
+
+
+@pytest.fixture(scope="module")
+def parts_fit(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parts")
+    folder = tmp / "ckpt"
+    folder.mkdir()
+    events, renamed = run_pair("parts", folder, tmp)
+    return folder, events, renamed
+
+
+def test_each_process_writes_the_parts_it_holds_and_process_0_the_index(parts_fit):
+    folder, events, renamed = parts_fit
+    assert named(events[0], "trained")[0]["split"] == ["sequential/hidden/kernel"]
+    parts = parts_of(folder, "model.shards.json")
+    assert [p.rsplit("-", 3)[-3:] for p in parts] == [
+        ["00000", "of", "00002.safetensors"],
+        ["00001", "of", "00002.safetensors"],
+    ]
+    names = [[os.path.basename(p) for p in r] for r in renamed]
+    # Each process renamed its own part into place, and only process 0 an index; two
+    # epochs' checkpoints are kept (max_to_keep=2), each a set of its own.
+    assert parts[1] in names[1] and parts[0] not in names[1]
+    assert not any(n.endswith(".shards.json") for n in names[1])
+    assert "model.shards.json" in names[0] and parts[0] in names[0]
+    assert sorted(os.listdir(folder / "epochs")) == sorted(
+        [
+            "2.shards.json",
+            "3.shards.json",
+            *parts_of(folder / "epochs", "2.shards.json"),
+            *parts_of(folder / "epochs", "3.shards.json"),
+        ]
+    )
+    # The split kernel is in both parts, a half each; the stock reader reads them.
+    halves = [safetensors.numpy.load_file(str(folder / p)) for p in parts]
+    kernel = [k for h in halves for k in h if k.startswith("layers/dense/vars/0[")]
+    assert sorted(kernel) == ["layers/dense/vars/0[0:8,0:8]", "layers/dense/vars/0[0:8,8:16]"]
+    trained = np.load(folder / "trained.npz")["arr_0"]
+    together = np.concatenate(
+        [h[k] for h in halves for k in sorted(h) if k.startswith("layers/dense/vars/0[")],
+        axis=1,
+    )
+    np.testing.assert_array_equal(together, trained)
+
+
+def test_every_process_restores_a_parts_checkpoint_under_any_layout(parts_fit):
+    _, events, _ = parts_fit
+    for process in events:
+        trained = named(process, "trained")[0]["digest"]
+        loaded = {e["layout"]: e["digest"] for e in named(process, "loaded")}
+        assert loaded == {"model parallel": trained, "data parallel": trained}
+
+
+def test_a_parts_checkpoint_loads_in_one_process_and_converts_for_stock_keras(parts_fit, tmp_path):
+    """In one process (this one, TensorFlow), the parts are assembled into each value; the
+    file converted to `.weights.h5` loads with Keras's own `load_weights`."""
+    import keras
+
+    import fastckpt
+
+    folder, _, _ = parts_fit
+    trained = np.load(folder / "trained.npz")
+    trained = [trained[f"arr_{i}"] for i in range(len(trained.files))]
+
+    def model():
+        keras.utils.set_random_seed(1)
+        m = keras.Sequential(
+            [keras.Input((8,)), keras.layers.Dense(16, name="hidden"), keras.layers.Dense(1)]
+        )
+        m.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        m.optimizer.build(m.trainable_variables)
+        return m
+
+    def values(m):
+        return [v.numpy() for v in [*m.variables, *m.optimizer.variables]]
+
+    ours = model()
+    fastckpt.load(ours, folder / "model.shards.json")
+    fastckpt.convert(folder / "model.shards.json", tmp_path / "model.weights.h5")
+    stock = model()
+    stock.load_weights(tmp_path / "model.weights.h5")
+    for m in (ours, stock):
+        for got, want in zip(values(m), trained, strict=True):
+            np.testing.assert_array_equal(got, want.astype(got.dtype))
+
+
+@pytest.mark.parametrize("how", ["failed", "killed"])
+def test_a_process_failing_mid_save_leaves_the_previous_set_whole(tmp_path, how):
+    """Process 1's write fails (an injected fdatasync error), or process 1 is killed while
+    it writes: no new index is committed, and every process restores the set saved
+    before, bit for bit."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    if how == "failed":
+        events, _ = run_pair("parts failed", folder, tmp_path)
+        raised = [named(e, "raised") for e in events]
+        assert raised[1] and raised[1][0]["type"] == "OSError", raised
+        assert raised[0] and raised[0][0]["type"] == "CheckpointError", raised
+        assert "process(es) [1] could not write their parts" in raised[0][0]["message"]
+    else:
+        kill_process_1_mid_save("parts killed", folder, tmp_path)
+    before = parts_of(folder, "model.shards.json")
+    restored, _ = run_pair("parts restored", folder, tmp_path)
+    want = np.load(folder / "before.npz")
+    got = np.load(folder / "restored-0.npz")
+    for name in want.files:
+        np.testing.assert_array_equal(got[name], want[name])
+    assert named(restored[0], "loaded")[0]["digest"] == named(restored[1], "loaded")[0]["digest"]
+    assert parts_of(folder, "model.shards.json") == before
+    assert not [p for p in folder.iterdir() if is_temp_name(p.name)] or how == "killed"
+
+
+def kill_process_1_mid_save(scenario: str, folder: Path, tmp_path: Path) -> None:
+    """Runs `scenario`, kills process 1 once it has begun writing its part of the second
+    save (its writes are slowed), and ends process 0 as the job would end."""
+    import time
+
+    port = free_port()
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), scenario, str(p), str(port), str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for p in (0, 1)
+    ]
+    try:
+        for line in procs[1].stdout:
+            if '"saving"' in line:
+                break
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not [
+            p for p in folder.iterdir() if is_temp_name(p.name)
+        ]:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        procs[1].kill()
+        procs[1].wait(timeout=30)
+        try:
+            # It waits for process 1 in a collective until JAX's coordination service
+            # gives up on it; a job scheduler ends the job first.
+            procs[0].wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            assert proc.stdout is not None
+            proc.stdout.close()
 
 
 def test_mirrored_strategy_saves_each_variable_once_and_restores_under_it(tmp_path):

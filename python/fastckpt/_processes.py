@@ -19,10 +19,13 @@ here.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
 import numpy as np
+
+from fastckpt.formats.process_shards import Block
 
 
 def count() -> int:
@@ -86,6 +89,67 @@ def settle(what: str, error: BaseException | None) -> None:
         raise error
 
 
+def token() -> str:
+    """A name for one save, the same on every process (process 0's, random)."""
+    mine = np.frombuffer(os.urandom(8), np.uint32)
+    if count() > 1:
+        from jax.experimental import multihost_utils
+
+        mine = np.asarray(multihost_utils.broadcast_one_to_all(mine), np.uint32)
+    return mine.astype("<u4").tobytes().hex()
+
+
+def outcomes(ok: bool) -> list[bool]:
+    """Every process's `ok`, in process order, on every process (a collective)."""
+    if count() == 1:
+        return [ok]
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.array([1 if ok else 0], np.int32))
+    return [bool(x) for x in np.asarray(got).reshape(-1)]
+
+
+def blocks(value: Any) -> list[Block]:
+    """The parts a value is saved as by every process together (`.shards.json`), and which
+    process writes each: one part for each distinct block of the value its devices hold,
+    written by the process of the first device holding it (lowest process, then device
+    id), so that each element is written once; a host value is one part, process 0's.
+    Every process computes the same parts."""
+    shape = tuple(int(n) for n in value.shape)
+    sharding = getattr(value, "sharding", None)
+    if sharding is None:
+        return [Block((0,) * len(shape), shape, 0)]
+    holders: dict[tuple[tuple[int, ...], tuple[int, ...]], list[Any]] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        bounds = [i.indices(n) for i, n in zip(index, shape, strict=True)]
+        start = tuple(b[0] for b in bounds)
+        size = tuple(len(range(*b)) for b in bounds)
+        holders.setdefault((start, size), []).append(device)
+    out = []
+    for (start, size), devices in holders.items():
+        first = min(devices, key=lambda d: (d.process_index, d.id))
+        out.append(Block(start, size, int(first.process_index)))
+    return sorted(out, key=lambda b: b.start)
+
+
+def block_data(value: Any, block: Block) -> np.ndarray:
+    """This process's copy of `block` of `value` (a host array, C-contiguous)."""
+    sharding = getattr(value, "sharding", None)
+    if sharding is None or sharding.is_fully_replicated:
+        # (Not `addressable_shards`: a replicated value as Keras first lays it out over
+        # several processes lists its local copy as an array of many devices, which it
+        # refuses; the local copy is its value.)
+        return np.asarray(value, order="C")  # (np.ascontiguousarray makes 0-d 1-d)
+    for shard in value.addressable_shards:
+        bounds = [i.indices(n) for i, n in zip(shard.index, value.shape, strict=True)]
+        if (
+            tuple(b[0] for b in bounds) == block.start
+            and tuple(len(range(*b)) for b in bounds) == block.shape
+        ):
+            return np.asarray(shard.data, order="C")
+    raise AssertionError(f"no device of process {index()} holds block {block.start}")
+
+
 def check_whole_on_writer(entries: list[Any]) -> None:
     """Raises, naming the variable, if process 0 does not hold all of some variable to be
     saved (identical on every process: the layout is the same everywhere)."""
@@ -94,12 +158,13 @@ def check_whole_on_writer(entries: list[Any]) -> None:
     for entry in entries:
         value = getattr(entry.source, "value", entry.source)
         if not _held_whole(value):
-            raise NotImplementedError(
+            raise ValueError(
                 f"{entry.path}: sharded over {count()} processes "
-                f"({getattr(value, 'sharding', None)}); fastckpt writes checkpoints from "
-                "process 0 alone, which holds only part of it. Layouts that split a "
-                "variable over processes (ModelParallel) are not supported yet; replicate "
-                "the variables each process saves (DataParallel)"
+                f"({getattr(value, 'sharding', None)}); this format is written by process "
+                "0 alone, which holds only part of it. Save to a `.shards.json` path, "
+                "which every process writes its parts of (`fastckpt convert` turns it into "
+                "a `.weights.h5` file afterwards), or replicate the variables "
+                "(DataParallel)"
             )
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from fastckpt import _fastckpt, _keras_private, _processes, _restore, _snapshot, _walk, formats
 from fastckpt._environment import direct_io_allowed
-from fastckpt._errors import CheckpointContentError
+from fastckpt._errors import CheckpointContentError, CheckpointError
 from fastckpt._progress import Reporter
 from fastckpt._snapshot import WarmBlock, snapshot, snapshotter_for
 from fastckpt._walk import Entry, SavePlan, plan_for
@@ -40,13 +40,16 @@ class SaveResult:
 
 
 class _WrittenElsewhere:
-    """The job of a save that another process writes (`_processes`): done at once, with
-    nothing written here."""
+    """The job of a save that another process writes (`_processes`), or that was written
+    before it was returned (every process's parts of a `.shards.json` save): done, with
+    what was written here."""
 
-    paths: tuple[str, ...] = ()
-    bytes = 0
-    seconds = 0.0
     kept = None
+
+    def __init__(self, paths: Sequence[str] = (), nbytes: int = 0, seconds: float = 0.0) -> None:
+        self.paths = tuple(paths)
+        self.bytes = nbytes
+        self.seconds = seconds
 
     def wait(self, timeout: float | None = None) -> bool:
         return True
@@ -196,10 +199,11 @@ def save(
     """Saves `model`'s state to `path`, durably and atomically.
 
     The format follows the suffix: `.weights.h5`, `.keras`, `.h5`/`.hdf5` (legacy full
-    model), `.safetensors`, `.zst.safetensors` (the zstd container) or `.weights.json`
-    (sharded weights). Each file is written beside its target under a temp name,
-    fdatasync'd, renamed over the target and the folder fsync'd: a failed save leaves the
-    previous file untouched.
+    model), `.safetensors`, `.zst.safetensors` (the zstd container), `.weights.json`
+    (sharded weights) or `.shards.json` (the weights, every process of a multi-process
+    training writing the parts it holds; README "Many processes"). Each file is written
+    beside its target under a temp name, fdatasync'd, renamed over the target and the
+    folder fsync'd: a failed save leaves the previous file untouched.
 
     Args:
         model: a Keras model. One not built yet can be saved where the file holds the
@@ -222,7 +226,8 @@ def save(
             Keras's `save_weights(..., max_shard_size=...)` does, and write the index;
             the shards and the index commit together, the index last.
         format: override the format the suffix implies (`"weights_h5"`, `"keras"`,
-            `"legacy_h5"`, `"safetensors"`, `"weights_sharded"`), e.g. Keras's quirk of
+            `"legacy_h5"`, `"safetensors"`, `"weights_sharded"`, `"process_shards"`),
+            e.g. Keras's quirk of
             writing a legacy full model to `x.weights.h5` when
             `ModelCheckpoint(save_weights_only=False)`.
         compression: `"zstd"` writes the zstd container: a `.safetensors`-style file in
@@ -233,7 +238,9 @@ def save(
             on stderr (a bar on a terminal); quiet by default.
 
     Returns:
-        A `SaveResult` once the files are durable, or a `SaveJob` if `background`.
+        A `SaveResult` once the files are durable, or a `SaveJob` if `background` (a
+        `.shards.json` save is written before it returns, whatever `background` says:
+        every process takes part in it at once).
 
     Raises:
         ValueError: a path, format or compression that cannot be written, or a model not
@@ -341,13 +348,18 @@ def start_save(
     path = formats.check_target(path, overwrite) if writer else os.fspath(path)
     fmt = formats.with_compression(fmt, compression, path)
     plan = plan_for(model, include_optimizer)
-    _processes.check_whole_on_writer(plan.entries)
+    if fmt.name != "process_shards":
+        _processes.check_whole_on_writer(plan.entries)
     if not model.built:
         # Keras's rule: a model without weights yet is saved with its config (and compile
         # state and optimizer variables), but its weights alone cannot be.
         if not fmt.holds_model:
             raise ValueError(f"{_keras_private.UNBUILT_WEIGHTS_ERROR} Received: path={path!r}")
         warnings.warn(_keras_private.UNBUILT_SAVE_WARNING, UserWarning, stacklevel=3)
+    if fmt.name == "process_shards":
+        if extra is not None or companions or max_shard_size is not None:
+            raise ValueError(f"a `.shards.json` save holds the weights alone: {path!r}")
+        return _save_parts(model, path, plan, weights_only, threads, progress, started)
     if not background:
         # A synchronous write runs at once: what it must follow ends first (its errors
         # stay with its owner).
@@ -392,6 +404,93 @@ def start_save(
         raise
     snap.lend_to(job)
     return SaveJob(job, path, started, handed_off)
+
+
+def _save_parts(
+    model: keras.Model,
+    path: str,
+    plan: SavePlan,
+    weights_only: bool,
+    threads: int | None,
+    progress: _fastckpt.Progress | None,
+    started: float,
+) -> SaveJob:
+    """A `.shards.json` save (see `formats/process_shards.py`), by every process together,
+    on the calling thread: each process writes the parts of the values it is to write into
+    its own file (durably, beside the index); once every process's file is, process 0
+    writes the index, whose rename commits the set, and removes the files of the set it
+    replaced. A process that fails fails the save on every process, and the previous set
+    stays whole."""
+    from fastckpt.formats import process_shards as shards
+    from fastckpt.formats.safetensors import metadata
+
+    count, me = _processes.count(), _processes.index()
+    token = _processes.token()
+    # One process holds every value: the snapshot's readers serve (nothing trains before
+    # the write ends, so they lend the variables' buffers).
+    whole = snapshot(plan, hold=True).arrays if count == 1 else None
+    values: list[tuple[str, str, tuple[int, ...], list[shards.Block]]] = []
+    mine: list[tuple[str, np.ndarray]] = []
+    for i, entry in enumerate(plan.entries):
+        value = getattr(entry.source, "value", entry.source)
+        if whole is not None:
+            shape = tuple(whole[i].shape)
+            blocks = [shards.Block((0,) * len(shape), shape, 0)]
+            dtype = whole[i].dtype.name
+        else:
+            shape = tuple(int(n) for n in value.shape)
+            blocks = _processes.blocks(value)
+            dtype = formats.numpy_dtype(_restore.held_dtype(entry.source)).name
+        for block in blocks:
+            if block.writer == me:
+                data = whole[i] if whole is not None else _processes.block_data(value, block)
+                mine.append((block.name(entry.path), data))
+        values.append((entry.path, dtype, shape, blocks))
+    part = shards.part_path(path, token, me, count)
+    parts = [shards.part_path(path, token, p, count) for p in range(count)]
+    meta = {shards.PART_OF: os.path.basename(path)}
+    options = _fastckpt.WriteOptions(
+        threads=threads, direct_io=direct_io_allowed(), progress=progress
+    )
+    error: BaseException | None = None
+    written = 0
+    try:
+        report = _fastckpt.write(
+            [_fastckpt.plan_safetensors(part, mine, meta)], options=options
+        ).result()
+        written = report.bytes
+    except BaseException as e:
+        error = e
+    failed = [p for p, ok in enumerate(_processes.outcomes(error is None)) if not ok]
+    if failed:
+        with contextlib.suppress(FileNotFoundError):
+            if error is None:
+                os.remove(part)  # no index will name it
+        if error is not None:
+            raise error
+        raise CheckpointError(
+            f"fastckpt.save({path!r}): process(es) {failed} could not write their parts "
+            "(their errors are in their own output); the previous set, if any, is intact"
+        )
+    error = None
+    if me == 0:
+        try:
+            document = shards.index_document(
+                token, count, values, plan.groups, metadata(model, weights_only), path
+            )
+            _fastckpt.write([_fastckpt.plan_bytes(path, document)]).result()
+            written += len(document)
+            for stray in shards.stray_parts(path, parts):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(stray)
+        except BaseException as e:
+            error = e
+            for orphan in parts:  # the set this save wrote, which no index names
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(orphan)
+    _processes.settle(f"fastckpt.save({path!r})", error)
+    seconds = time.perf_counter() - started
+    return SaveJob(_WrittenElsewhere([path, *parts], written, seconds), path, started)
 
 
 def _native_job(job: SaveJob | _fastckpt.Job) -> _fastckpt.Job | None:

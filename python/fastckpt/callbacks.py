@@ -215,7 +215,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 "Expected save_freq are 'epoch' or integer values"
             )
         if save_weights_only:
-            if not self.filepath.endswith((".weights.h5", ".safetensors")):
+            if not self.filepath.endswith((".weights.h5", ".safetensors", ".shards.json")):
                 raise ValueError(
                     "When using `save_weights_only=True` in `ModelCheckpoint`"
                     ", the filepath provided must end in `.weights.h5` "
@@ -302,6 +302,9 @@ class ModelCheckpoint(MonitorCallbackBase):
         (`api.warm_up`), and the save is planned at the first batch's end, its buffers
         made from that memory."""
         if self._readied == "all" or not self.model.built:
+            return
+        if self._format().name == "process_shards":
+            self._readied = "all"  # every process writes its parts at once: nothing to ready
             return
         buffers = self.snapshot_buffers if self.save_on_background else 0
         optimizer = getattr(self.model, "optimizer", None)
@@ -491,7 +494,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         queue_after: list[api.SaveJob | _fastckpt.Job] = []
         if isinstance(queued_behind, api.SaveJob):
             queue_after.append(queued_behind)
-        reuse = self._take_spare(filepath)
+        reuse = None if self._format().name == "process_shards" else self._take_spare(filepath)
         if reuse is not None and reuse.reserving is not None and not reuse.reserving.done():
             queue_after.append(reuse.reserving)  # written into once it is filled
         try:
@@ -695,7 +698,10 @@ class ModelCheckpoint(MonitorCallbackBase):
         self._report_deletions(wait=True)
 
 
-_SAFETENSORS_NOTE = " (fastckpt.ModelCheckpoint also accepts `.safetensors`)"
+_SAFETENSORS_NOTE = (
+    " (fastckpt.ModelCheckpoint also accepts `.safetensors`, and with "
+    "`save_weights_only=True` `.shards.json`)"
+)
 
 # Files kept for the saves of one file name: the next save's and the one after it, which
 # is what a new file needs (its first save replaces nothing); afterwards each save

@@ -2,7 +2,8 @@
 is planned (its layout builder and native writer) and how a file of it is opened.
 
 Each format is a module of this package (`weights_h5`, `sharded`, `safetensors`,
-`zstd_safetensors`, `keras_zip`, `legacy_h5`), mirroring `rust/core/src/format/`, with:
+`zstd_safetensors`, `keras_zip`, `legacy_h5`, `process_shards`), mirroring
+`rust/core/src/format/` (`process_shards` is SafeTensors files and a JSON index), with:
 
 - `plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]`: the files of one save, laid
   out to the byte; several files commit together, the last one last (a sharded index).
@@ -203,6 +204,7 @@ FORMATS: tuple[Format, ...] = (
     Format("safetensors", (".safetensors",), "safetensors", holds_model=True),
     Format("keras", (".keras",), "keras_zip", holds_model=True),
     Format("legacy_h5", (".h5", ".hdf5"), "legacy_h5", holds_model=True, keras_layout=False),
+    Format("process_shards", (".shards.json",), "process_shards", holds_model=False),
 )
 
 _BY_NAME = {f.name: f for f in FORMATS}
@@ -255,6 +257,8 @@ def for_model_checkpoint(filepath: str, weights_only: bool) -> Format:
     `.safetensors` and `.zst.safetensors`."""
     if filepath.endswith(".zst.safetensors"):
         return _BY_NAME["safetensors_zstd"]
+    if filepath.endswith(".shards.json"):
+        return _BY_NAME["process_shards"]
     if filepath.endswith(".safetensors"):
         return _BY_NAME["safetensors"]
     if weights_only:
