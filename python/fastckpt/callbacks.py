@@ -128,11 +128,14 @@ class ModelCheckpoint(MonitorCallbackBase):
         filepath: string or `PathLike`, where to save. It can hold named formatting
             options, filled with `epoch` (1-based), `batch` (1-based, for batch-level
             saves) and the keys of `logs`, e.g. `"{epoch:02d}-{val_loss:.2f}.keras"`.
-            With `save_weights_only=True` it must end in `.weights.h5` or
-            `.safetensors`; otherwise in `.keras`, `.h5` or `.safetensors`. As in Keras,
-            `x.weights.h5` with `save_weights_only=False` holds a legacy full-model h5.
-            A `.safetensors` file holds the weights (and optimizer state) under their
-            `.weights.h5` names, plus the model config unless `save_weights_only=True`.
+            With `save_weights_only=True` it must end in `.weights.h5`, `.safetensors`
+            or `.shards.json`; otherwise in `.keras`, `.h5` or `.safetensors`. As in
+            Keras, `x.weights.h5` with `save_weights_only=False` holds a legacy
+            full-model h5. A `.safetensors` file holds the weights (and optimizer state)
+            under their `.weights.h5` names, plus the model config unless
+            `save_weights_only=True`. A `.shards.json` save is the one for layouts that
+            split a variable over processes (`ModelParallel`): every process writes the
+            parts it holds, and the save is synchronous (README "Many processes").
         monitor: the metric to monitor, e.g. `"val_loss"`, `"val_accuracy"`.
         verbose: 0 is silent, 1 prints a message when the callback takes an action.
         save_best_only: only save when the model is the best so far by `monitor`. If the
