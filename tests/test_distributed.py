@@ -72,13 +72,18 @@ def named(events: list[dict], name: str) -> list[dict]:
     return [e for e in events if e["event"] == name]
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fit")
+def run_pair_into_ckpt(tmp_path_factory, scenario: str) -> tuple[Path, list, list]:
+    """`scenario` run once for the module, its checkpoints in a fresh `ckpt` folder."""
+    tmp = tmp_path_factory.mktemp(scenario)
     folder = tmp / "ckpt"
     folder.mkdir()
-    events, renamed = run_pair("fit", folder, tmp)
+    events, renamed = run_pair(scenario, folder, tmp)
     return folder, events, renamed
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    return run_pair_into_ckpt(tmp_path_factory, "fit")
 
 
 def test_process_0_writes_every_checkpoint_and_process_1_none(fitted):
@@ -180,11 +185,7 @@ def parts_of(folder: Path, index: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def parts_fit(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("parts")
-    folder = tmp / "ckpt"
-    folder.mkdir()
-    events, renamed = run_pair("parts", folder, tmp)
-    return folder, events, renamed
+    return run_pair_into_ckpt(tmp_path_factory, "parts")
 
 
 def test_each_process_writes_the_parts_it_holds_and_process_0_the_index(parts_fit):

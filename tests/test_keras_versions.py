@@ -9,6 +9,21 @@ import keras
 from fastckpt import _keras_private
 
 
+def layers_built(monkeypatch) -> list[type]:
+    """The type of every Keras `Layer` constructed from now on (the list grows)."""
+    from keras.src.layers.layer import Layer
+
+    built: list[type] = []
+    real_init = Layer.__init__
+
+    def init(self, *args, **kwargs):
+        built.append(type(self))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Layer, "__init__", init)
+    return built
+
+
 def test_the_installed_keras_is_supported():
     assert _keras_private.SUPPORTED[0] <= _keras_private.KERAS_VERSION
     assert _keras_private.KERAS_VERSION <= _keras_private.SUPPORTED[1]
@@ -30,20 +45,11 @@ def test_a_walk_builds_no_reference_objects_once_keras_knows_what_to_skip(monkey
     `Optimizer`, ...) and caches the answer under a key it never reads: fastckpt's walk
     makes the key it reads hold the answer, so only a first walk builds them. The plan
     is the same either way."""
-    from keras.src.layers.layer import Layer
-
     from fastckpt import _walk
 
     model = _walkable_model()
     first = _walk.walk(model)
-    built = []
-    real_init = Layer.__init__
-
-    def init(self, *args, **kwargs):
-        built.append(type(self))
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(Layer, "__init__", init)
+    built = layers_built(monkeypatch)
     again = _walk.walk(model)
     assert built == [], built
     assert [(e.path, id(e.source)) for e in again.entries] == [
@@ -64,14 +70,7 @@ def test_a_first_walk_builds_one_reference_object_a_type(monkeypatch):
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), *[keras.layers.Dense(3) for _ in range(6)]])
-    built = []
-    real_init = Layer.__init__
-
-    def init(self, *args, **kwargs):
-        built.append(type(self))
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(Layer, "__init__", init)
+    built = layers_built(monkeypatch)
     walker = threading.Thread(target=_walk.walk, args=(model,))
     walker.start()
     walker.join()
