@@ -98,6 +98,7 @@ def test_quick_bench_has_every_contender(quick_run):
     assert orbax and all(r["available"] or "not installed" in r["note"] for r in orbax)
     assert "keras model.load_weights(.weights.h5)" in by_section["load"]
     assert "fastckpt.load(.weights.h5)" in by_section["load"]
+    assert {"floor: read, 1 thread", "floor: read, every core"} <= by_section["load"]
     assert by_section["memory"] and by_section["slowdown"] and by_section["variables"]
     wholefit = [r for r in results["records"] if r["section"] == "wholefit"]
     assert {r["backend"] for r in wholefit} == {"tensorflow", "jax"}
@@ -125,6 +126,25 @@ def test_quick_bench_checks_the_targets(quick_run):
     assert any(r["target"].startswith("back to back") for r in rows)
     text = (out / "results.md").read_text()
     assert "## Targets" in text and "## Stall per checkpoint" in text and "## Whole fit" in text
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_read_floor_on_every_core_reads_the_whole_file(tmp_path, threads):
+    """The load section's device floor reads every byte into place (a file of a few
+    pieces and a ragged end), whatever the number of threads."""
+    import numpy as np
+
+    from fastckpt.bench import floors
+
+    data = np.random.default_rng(0).integers(0, 256, 3 * floors.CHUNK + 12345, np.uint8)
+    path = tmp_path / "payload.bin"
+    path.write_bytes(data.tobytes())
+    buf = np.zeros(data.size + 100, np.uint8)
+    assert floors.read_floor_parallel(str(path), buf, threads) > 0
+    np.testing.assert_array_equal(buf[: data.size], data)
+    assert not buf[data.size :].any()
+    with pytest.raises(ValueError, match="buffer"):
+        floors.read_floor_parallel(str(path), buf[:100], threads)
 
 
 def test_inspect_lists_tensors(tmp_path, capsys):

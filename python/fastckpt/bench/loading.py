@@ -21,6 +21,7 @@ from fastckpt.bench.models import TrainingSetup, state_bytes
 from fastckpt.bench.training import case_name
 
 READ_FLOOR = "floor: read, 1 thread"
+DEVICE_FLOOR = "floor: read, every core"
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -55,7 +56,9 @@ def _load_on(ctx: Context, setup: TrainingSetup, target: str, warmup: bool) -> N
     for name, write in files.items():
         write(paths[name])
         floors.make_durable(paths[name])
-    buf = floors.touched(file_bytes(paths["fck.safetensors"]))
+    buf = floors.touched(
+        max(file_bytes(paths[name]) for name in ("fck.safetensors", "fck.weights.h5"))
+    )
 
     def ours(p: str) -> None:
         fastckpt.load(model, p)
@@ -67,6 +70,7 @@ def _load_on(ctx: Context, setup: TrainingSetup, target: str, warmup: bool) -> N
 
     trials = [
         trial(READ_FLOOR, "fck.safetensors", lambda p: floors.read_floor(p, buf)),
+        trial(DEVICE_FLOOR, "fck.weights.h5", lambda p: floors.read_floor_parallel(p, buf)),
         trial("keras model.load_weights(.weights.h5)", "keras.weights.h5", model.load_weights),
         trial("fastckpt.load(.weights.h5 by Keras)", "keras.weights.h5", ours),
         trial("fastckpt.load(.weights.h5)", "fck.weights.h5", ours),
@@ -81,7 +85,7 @@ def _load_on(ctx: Context, setup: TrainingSetup, target: str, warmup: bool) -> N
     )
     results = interleave(trials, reps)
     for name, stats in results.items():
-        family = "floor" if name == READ_FLOOR else name.split(".")[0].split()[0]
+        family = "floor" if name.startswith("floor") else name.split(".")[0].split()[0]
         ctx.add(
             "load", target, case, name, stats, family=family, state_bytes=nbytes, cold_cache=cold
         )
