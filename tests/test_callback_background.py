@@ -190,6 +190,44 @@ def test_a_save_that_ends_while_the_next_is_readied_is_reported_before_it(
     assert lines == [(kind, f) for f in files for kind in kinds]
 
 
+def _background_flags(monkeypatch) -> list[bool]:
+    """The `background` of every save fastckpt's callbacks start from now on."""
+    flags: list[bool] = []
+    real_save = fastckpt.api.start_save
+
+    def save(*args, **kwargs):
+        flags.append(kwargs["background"])
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(fastckpt.api, "start_save", save)
+    return flags
+
+
+@pytest.mark.parametrize("asked", [None, True, False])
+def test_saves_are_written_in_the_background_except_under_torch_on_the_cpu(
+    tmp_path, monkeypatch, asked
+):
+    """By default a save is written in the background, except under PyTorch with the
+    model on the CPU (no GPU here), where a background writer slows the steps by more
+    than the write takes: the write is done in the hook there. `True` and `False` are
+    obeyed on every backend."""
+    flags = _background_flags(monkeypatch)
+    kwargs = {} if asked is None else {"save_on_background": asked}
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"), **kwargs)
+    fit([ckpt], epochs=2)
+    expected = (keras.backend.backend() != "torch") if asked is None else asked
+    assert flags == [expected, expected]
+    assert list_files(tmp_path) == ["1.safetensors", "2.safetensors"]
+
+
+def test_backup_and_restore_follows_the_same_default(tmp_path, monkeypatch):
+    flags = _background_flags(monkeypatch)
+    backup = fastckpt.BackupAndRestore(str(tmp_path / "backup"))
+    fit([backup], epochs=3)
+    # The backup of the last epoch is not written (`delete_checkpoint` would remove it).
+    assert flags == [keras.backend.backend() != "torch"] * 2
+
+
 def test_synchronous_mode_saves_before_the_next_callback_runs(tmp_path):
     seen = []
 
@@ -281,7 +319,7 @@ def test_failed_save_leaves_the_previous_file_under_the_same_name(tmp_path, faul
 
 
 def test_wait_until_finished_raises_a_failed_save_once(tmp_path, fault_injection):
-    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"), save_on_background=True)
     ckpt.set_model(fresh_model())
     testing.inject_fault("fsync")
     ckpt.on_epoch_begin(0)
@@ -296,7 +334,7 @@ def test_wait_until_finished_raises_a_failed_save_once(tmp_path, fault_injection
 def test_failed_background_save_raises_at_the_first_hook_after_it_ended(
     tmp_path, fault_injection, hook
 ):
-    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"))
+    ckpt = fastckpt.ModelCheckpoint(str(tmp_path / "{epoch}.safetensors"), save_on_background=True)
     ckpt.set_model(fresh_model())
     ckpt.on_train_begin()
     ckpt.on_epoch_begin(0)

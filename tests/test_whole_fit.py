@@ -208,7 +208,7 @@ def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
             ckpt.wait_until_finished()
             inodes.append(os.stat(target).st_ino)
 
-    ckpt = fastckpt.ModelCheckpoint(str(target))
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_on_background=True)
     oracle = KerasOracle(tmp_path / "oracle")
     fit([Before(), ckpt, After(), oracle], epochs=4)
     assert len(reserved) == 2, "a file reserved before each of the first two saves"
@@ -327,6 +327,7 @@ def test_a_queued_save_to_the_same_file_is_dropped_for_the_newer_one(tmp_path, f
     out = io.StringIO()
     ckpt = fastckpt.ModelCheckpoint(
         str(tmp_path / "c.weights.h5"),
+        save_on_background=True,  # the background's mechanisms, under every backend
         save_weights_only=True,
         save_freq=1,
         snapshot_buffers=2,
@@ -378,6 +379,7 @@ def test_host_memory_is_bounded_by_snapshot_buffers(
     monkeypatch.setattr(api, "start_save", start_save)
     ckpt = fastckpt.ModelCheckpoint(
         str(tmp_path / "b{batch}.weights.h5"),
+        save_on_background=True,  # the background's mechanisms, under every backend
         save_weights_only=True,
         save_freq=1,
         snapshot_buffers=buffers,

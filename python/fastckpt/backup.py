@@ -78,7 +78,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             treat Ctrl-C so).
         grace_period: seconds to wait for the step in progress before giving up the
             preemption backup (the saves in flight still complete).
-        save_on_background: `False` writes each backup on the training thread.
+        save_on_background: `True` writes each backup in the background, `False` in the
+            hook; `None` (the default) is `True` except under PyTorch on the CPU, as for
+            `fastckpt.ModelCheckpoint`.
 
     Raises:
         ValueError: an empty `backup_dir`, or a `save_freq` that is not `"epoch"`, an
@@ -95,7 +97,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         *,
         preemption_signals: tuple[int, ...] = (signal.SIGTERM,),
         grace_period: float = DEFAULT_GRACE_PERIOD_S,
-        save_on_background: bool = True,
+        save_on_background: bool | None = None,
     ) -> None:
         super().__init__()
         if not backup_dir:
@@ -114,7 +116,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_before_preemption = save_before_preemption
         self.preemption_signals = tuple(preemption_signals)
         self.grace_period = float(grace_period)
-        self.save_on_background = bool(save_on_background)
+        # None: decided once the model is known (`_background`).
+        self.save_on_background = None if save_on_background is None else bool(save_on_background)
         self._weights_path = os.path.join(self.backup_dir, "latest.weights.h5")
         self._training_metadata_path = os.path.join(self.backup_dir, "training_metadata.json")
         # Keras's counters, for `save_freq` batches.
@@ -175,7 +178,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._restore(self._weights_path, self._training_metadata_path)
         # Every process has read the backup before process 0 writes the next one.
         _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) restored")
-        if self.save_on_background:
+        if self._background():
             # The snapshot buffer, then a file for the first backup to write into.
             arenas = api.prepare(self.model, buffers=1, owner=self)
             after = [a.prefault for a in arenas if a.prefault is not None]
@@ -393,7 +396,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             model,
             self._weights_path,
             format="weights_h5",
-            background=self.save_on_background and not final,
+            background=self._background() and not final,
             queue_after=queue_after,
             hold=True if final else None,
             reuse=None if reuse is None else reuse.path,
@@ -404,7 +407,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             companions=[(self._training_metadata_path, json.dumps(state["keras"]).encode())],
             previous_suffix=PREVIOUS_SUFFIX if self.double_checkpoint else None,
         )
-        if not self.save_on_background or final:
+        if not self._background() or final:
             self._wait()
         else:
             _callbacks._track(self._job)
@@ -442,6 +445,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         finally:
             self._job_reuse = None
         self._kept = _callbacks._kept(job)
+
+    def _background(self) -> bool:
+        """Whether backups are written in the background (`save_on_background`)."""
+        if self.save_on_background is None:
+            return not _callbacks._background_slows_training(self.model)
+        return self.save_on_background
 
     def _wait(self) -> None:
         self._collect(wait=True)

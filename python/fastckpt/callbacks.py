@@ -151,7 +151,13 @@ class ModelCheckpoint(MonitorCallbackBase):
         max_to_keep: keep only this many of the files this callback wrote, the newest
             (with `save_best_only`, the best); older ones are deleted off the training
             thread. Files this callback did not write are never touched. `None` keeps all.
-        save_on_background: `False` saves on the training thread, like Keras.
+        save_on_background: `True` writes each save in the background (the hook copies
+            the state to host memory and returns); `False` writes it in the hook, on
+            every core, like Keras but faster. `None` (the default) is `True`, except
+            under PyTorch with the model on the CPU: there a background writer, even at
+            the lowest priority, slows every training step (torch's OpenMP threads wait
+            at each operation for the one the writer displaced) by more than the write
+            takes, so the write is done in the hook (README "Backends and devices").
         snapshot_buffers: how many snapshots of the model's state may be held in host
             memory at once, each one copy of the saved state (the weights and optimizer
             variables). 1 (the default) makes a save wait for the previous write; 2 lets
@@ -194,7 +200,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         initial_value_threshold=None,
         *,
         max_to_keep=None,
-        save_on_background=True,
+        save_on_background=None,
         snapshot_buffers=1,
         threads=None,
         period=None,
@@ -249,7 +255,8 @@ class ModelCheckpoint(MonitorCallbackBase):
             None if max_to_keep is None else _positive_int("max_to_keep", max_to_keep)
         )
         self.threads = None if threads is None else _positive_int("threads", threads)
-        self.save_on_background = bool(save_on_background)
+        # None: decided once the model is known (`_background`).
+        self.save_on_background = None if save_on_background is None else bool(save_on_background)
         self.snapshot_buffers = _positive_int("snapshot_buffers", snapshot_buffers)
         self.compression = compression
         formats.with_compression(self._format(), compression, self.filepath)
@@ -309,7 +316,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         if self._format().name == "process_shards":
             self._readied = "all"  # every process writes its parts at once: nothing to ready
             return
-        buffers = self.snapshot_buffers if self.save_on_background else 0
+        buffers = self.snapshot_buffers if self._background() else 0
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             if self._readied is None:
@@ -336,6 +343,12 @@ class ModelCheckpoint(MonitorCallbackBase):
         self._second_spare = not os.path.exists(path)
         for spare, job in api.reserve_spares(self.model, path, 1, after=self._prefaults):
             self._keep_spare(path, _Spare(os.fspath(spare), job))
+
+    def _background(self) -> bool:
+        """Whether saves are written in the background (`save_on_background`)."""
+        if self.save_on_background is None:
+            return not _background_slows_training(self.model)
+        return self.save_on_background
 
     def _reserve_second(self, after: api.SaveJob) -> None:
         """Reserves the file the second save of a new file writes into, once the first
@@ -487,7 +500,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         """Decides, prints, and hands the save to the writer."""
         filepath = self._get_file_path(epoch, batch, logs)
         save, message = self._decide(epoch, logs, filepath)
-        if save and self.save_on_background:
+        if save and self._background():
             self._make_room(filepath, epoch)
         if message is not None and self.verbose > 0:
             print_msg(message)
@@ -510,7 +523,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 filepath,
                 include_optimizer=True,
                 overwrite=True,
-                background=self.save_on_background,
+                background=self._background(),
                 threads=self.threads,
                 weights_only=self.save_weights_only,
                 format=self._format().name,
@@ -523,14 +536,14 @@ class ModelCheckpoint(MonitorCallbackBase):
                 reuse=None if reuse is None else reuse.path,
                 keep_replaced=True,
             )
-            handle = job if self.save_on_background else job.result()
+            handle = job if self._background() else job.result()
         except BaseException as e:
             if reuse is not None:  # unused, or gone with the failed write
                 _remove_spare(reuse)
             if isinstance(e, IsADirectoryError):
                 raise _directory_error(filepath) from None
             raise
-        if not self.save_on_background:
+        if not self._background():
             self._keep_spare(filepath, _kept(job))
         self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
@@ -739,6 +752,18 @@ def batches_due(last_seen: int | None, since: int, batch: int, save_freq: int) -
     else:
         since += batch - last_seen
     return (0, True) if since >= save_freq else (since, False)
+
+
+def _background_slows_training(model: keras.Model) -> bool:
+    """Whether a background writer costs training more than the write itself: under
+    PyTorch on the CPU (measured, README "Backends and devices"). Torch's operations split
+    their work over OpenMP threads, one a core, that meet at the end of each operation;
+    a writer thread, however low its priority, takes a core from one of them now and
+    then, and the others wait for it at every operation of every step."""
+    if keras.backend.backend() != "torch":
+        return False
+    values = [getattr(v, "value", v) for v in model.weights[:1]]
+    return all(getattr(getattr(x, "device", None), "type", "cpu") == "cpu" for x in values)
 
 
 def _kept(job: api.SaveJob) -> _Spare | None:
