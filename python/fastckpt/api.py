@@ -348,8 +348,6 @@ def start_save(
     path = formats.check_target(path, overwrite) if writer else os.fspath(path)
     fmt = formats.with_compression(fmt, compression, path)
     plan = plan_for(model, include_optimizer)
-    if fmt.name != "process_shards":
-        _processes.check_whole_on_writer(plan.entries)
     if not model.built:
         # Keras's rule: a model without weights yet is saved with its config (and compile
         # state and optimizer variables), but its weights alone cannot be.
@@ -360,6 +358,7 @@ def start_save(
         if extra is not None or companions or max_shard_size is not None:
             raise ValueError(f"a `.shards.json` save holds the weights alone: {path!r}")
         return _save_parts(model, path, plan, weights_only, threads, progress, started)
+    _processes.check_whole_on_writer(plan.entries)
     if not background:
         # A synchronous write runs at once: what it must follow ends first (its errors
         # stay with its owner).

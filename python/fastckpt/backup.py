@@ -116,7 +116,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.save_before_preemption = save_before_preemption
         self.preemption_signals = tuple(preemption_signals)
         self.grace_period = float(grace_period)
-        # None: decided once the model is known (`_background`).
+        # None: decided once the model is known (`callbacks.in_background`).
         self.save_on_background = None if save_on_background is None else bool(save_on_background)
         self._weights_path = os.path.join(self.backup_dir, "latest.weights.h5")
         self._training_metadata_path = os.path.join(self.backup_dir, "training_metadata.json")
@@ -178,7 +178,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._restore(self._weights_path, self._training_metadata_path)
         # Every process has read the backup before process 0 writes the next one.
         _processes.barrier(f"fastckpt.BackupAndRestore({self.backup_dir!r}) restored")
-        if self._background():
+        if _callbacks.in_background(self.save_on_background, self.model):
             # The snapshot buffer, then a file for the first backup to write into.
             arenas = api.prepare(self.model, buffers=1, owner=self)
             after = [a.prefault for a in arenas if a.prefault is not None]
@@ -392,11 +392,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._job_reuse, self._kept = reuse, None
         if reuse is not None and reuse.reserving is not None and not reuse.reserving.done():
             queue_after.append(reuse.reserving)  # written into once it is filled
+        background = _callbacks.in_background(self.save_on_background, model) and not final
         self._job = api.start_save(
             model,
             self._weights_path,
             format="weights_h5",
-            background=self._background() and not final,
+            background=background,
             queue_after=queue_after,
             hold=True if final else None,
             reuse=None if reuse is None else reuse.path,
@@ -407,7 +408,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             companions=[(self._training_metadata_path, json.dumps(state["keras"]).encode())],
             previous_suffix=PREVIOUS_SUFFIX if self.double_checkpoint else None,
         )
-        if not self._background() or final:
+        if not background:
             self._wait()
         else:
             _callbacks._track(self._job)
@@ -445,12 +446,6 @@ class BackupAndRestore(keras.callbacks.Callback):
         finally:
             self._job_reuse = None
         self._kept = _callbacks._kept(job)
-
-    def _background(self) -> bool:
-        """Whether backups are written in the background (`save_on_background`)."""
-        if self.save_on_background is None:
-            return not _callbacks._background_slows_training(self.model)
-        return self.save_on_background
 
     def _wait(self) -> None:
         self._collect(wait=True)

@@ -255,7 +255,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             None if max_to_keep is None else _positive_int("max_to_keep", max_to_keep)
         )
         self.threads = None if threads is None else _positive_int("threads", threads)
-        # None: decided once the model is known (`_background`).
+        # None: decided once the model is known (`in_background`).
         self.save_on_background = None if save_on_background is None else bool(save_on_background)
         self.snapshot_buffers = _positive_int("snapshot_buffers", snapshot_buffers)
         self.compression = compression
@@ -316,7 +316,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         if self._format().name == "process_shards":
             self._readied = "all"  # every process writes its parts at once: nothing to ready
             return
-        buffers = self.snapshot_buffers if self._background() else 0
+        buffers = self.snapshot_buffers if in_background(self.save_on_background, self.model) else 0
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             if self._readied is None:
@@ -343,12 +343,6 @@ class ModelCheckpoint(MonitorCallbackBase):
         self._second_spare = not os.path.exists(path)
         for spare, job in api.reserve_spares(self.model, path, 1, after=self._prefaults):
             self._keep_spare(path, _Spare(os.fspath(spare), job))
-
-    def _background(self) -> bool:
-        """Whether saves are written in the background (`save_on_background`)."""
-        if self.save_on_background is None:
-            return not _background_slows_training(self.model)
-        return self.save_on_background
 
     def _reserve_second(self, after: api.SaveJob) -> None:
         """Reserves the file the second save of a new file writes into, once the first
@@ -500,7 +494,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         """Decides, prints, and hands the save to the writer."""
         filepath = self._get_file_path(epoch, batch, logs)
         save, message = self._decide(epoch, logs, filepath)
-        if save and self._background():
+        background = in_background(self.save_on_background, self.model)
+        if save and background:
             self._make_room(filepath, epoch)
         if message is not None and self.verbose > 0:
             print_msg(message)
@@ -510,7 +505,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         queue_after: list[api.SaveJob | _fastckpt.Job] = []
         if isinstance(queued_behind, api.SaveJob):
             queue_after.append(queued_behind)
-        reuse = None if self._format().name == "process_shards" else self._take_spare(filepath)
+        reuse = self._take_spare(filepath)
         if reuse is not None and reuse.reserving is not None and not reuse.reserving.done():
             queue_after.append(reuse.reserving)  # written into once it is filled
         try:
@@ -523,7 +518,7 @@ class ModelCheckpoint(MonitorCallbackBase):
                 filepath,
                 include_optimizer=True,
                 overwrite=True,
-                background=self._background(),
+                background=background,
                 threads=self.threads,
                 weights_only=self.save_weights_only,
                 format=self._format().name,
@@ -536,14 +531,14 @@ class ModelCheckpoint(MonitorCallbackBase):
                 reuse=None if reuse is None else reuse.path,
                 keep_replaced=True,
             )
-            handle = job if self._background() else job.result()
+            handle = job if background else job.result()
         except BaseException as e:
             if reuse is not None:  # unused, or gone with the failed write
                 _remove_spare(reuse)
             if isinstance(e, IsADirectoryError):
                 raise _directory_error(filepath) from None
             raise
-        if not self._background():
+        if not background:
             self._keep_spare(filepath, _kept(job))
         self._saves.append(_Save(epoch, filepath, handle, reuse))
         if isinstance(handle, api.SaveJob):
@@ -754,16 +749,20 @@ def batches_due(last_seen: int | None, since: int, batch: int, save_freq: int) -
     return (0, True) if since >= save_freq else (since, False)
 
 
-def _background_slows_training(model: keras.Model) -> bool:
-    """Whether a background writer costs training more than the write itself: under
-    PyTorch on the CPU (measured, README "Backends and devices"). Torch's operations split
-    their work over OpenMP threads, one a core, that meet at the end of each operation;
-    a writer thread, however low its priority, takes a core from one of them now and
-    then, and the others wait for it at every operation of every step."""
+def in_background(asked: bool | None, model: keras.Model) -> bool:
+    """Whether a callback's saves of `model` are written in the background, given its
+    `save_on_background`: as asked, or when not asked (None) everywhere but under PyTorch
+    on the CPU (measured, README "Backends and devices"). There a background writer costs
+    training more than the write itself: torch's operations split their work over OpenMP
+    threads, one a core, that meet at the end of each operation; a writer thread, however
+    low its priority, takes a core from one of them now and then, and the others wait for
+    it at every operation of every step."""
+    if asked is not None:
+        return asked
     if keras.backend.backend() != "torch":
-        return False
+        return True
     values = [getattr(v, "value", v) for v in model.weights[:1]]
-    return all(getattr(getattr(x, "device", None), "type", "cpu") == "cpu" for x in values)
+    return not all(getattr(getattr(x, "device", None), "type", "cpu") == "cpu" for x in values)
 
 
 def _kept(job: api.SaveJob) -> _Spare | None:
