@@ -168,9 +168,12 @@ def test_values_on_a_device_all_go_through_the_arena(tmp_path, monkeypatch, back
     model = bag_model(0)
     real = _readers.reader_for
     made: list[_OnDevice] = []
-    monkeypatch.setattr(
-        _snapshot, "reader_for", lambda plan: made.append(_OnDevice(real(plan))) or made[-1]
-    )
+
+    def reader_for(plan, values=None):
+        made.append(_OnDevice(real(plan, values)))
+        return made[-1]
+
+    monkeypatch.setattr(_snapshot, "reader_for", reader_for)
     path = tmp_path / "ours.weights.h5"
     # A fresh plan, so that its snapshotter is made with the stand-in reader.
     _walk._plans.pop(model, None)

@@ -18,7 +18,9 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -27,7 +29,7 @@ import pytest
 
 import fastckpt
 from callback_support import BATCH, X, Y, assert_arrays_identical, fresh_model, h5_datasets
-from fastckpt import _fastckpt, _snapshot, _walk, api
+from fastckpt import _fastckpt, _keras_private, _snapshot, _walk, api
 from fastckpt import callbacks as fastckpt_callbacks
 from fastckpt._fastckpt import testing
 from test_callback_background import KerasOracle, assert_holds
@@ -116,7 +118,8 @@ def test_memory_for_the_first_save_is_readied_while_the_first_step_builds_the_op
         def on_train_batch_begin(self, batch, logs=None):
             if batch == 0 and "built" not in seen:
                 seen["built"] = self.model.optimizer.built
-                seen["warm"] = list(ckpt._warm)
+                ckpt._readying.wait()  # readied on the readying thread meanwhile
+                seen["warm"] = list(ckpt._readying.warm)
 
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 0:
@@ -142,6 +145,127 @@ def test_memory_for_the_first_save_is_readied_while_the_first_step_builds_the_op
     assert seen["first save plan"] is seen["plan"], "the first save walked the model again"
     assert seen["lent to"] is not None and not isinstance(seen["lent to"], _snapshot._Reserved)
     assert_arrays_identical(oracle.values("e2"), h5_datasets(tmp_path / "c.weights.h5"))
+
+
+class ThreadsOf:
+    """Records the thread of every call of `owner.name` (patched with `monkeypatch`); with
+    `fail_off_main`, a call on another thread than the main one raises instead."""
+
+    def __init__(self, monkeypatch, owner, name, fail_off_main=False):
+        self.threads: list[threading.Thread] = []
+        real = getattr(owner, name)
+
+        def recorded(*args, **kwargs):
+            self.threads.append(threading.current_thread())
+            if fail_off_main and threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("readying failed")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, recorded)
+
+    def on_main(self) -> list[bool]:
+        return [t is threading.main_thread() for t in self.threads]
+
+
+def test_the_first_save_is_readied_off_the_training_thread(tmp_path, monkeypatch):
+    """What the first save needs (Keras's traversal of the model, the snapshot buffer and
+    its memory, the file it writes into) is made while training runs, on a thread of
+    fastckpt's own: no hook walks the model or makes a buffer on the training thread (under
+    JAX the values the buffer needs are read there), and the first save copies into the
+    buffer readied for it, its memory faulted in, and writes into the file reserved."""
+    model = fresh_model(big=True)
+    _walk._plans.pop(model, None)  # not walked yet in this process
+    walks = ThreadsOf(monkeypatch, _walk, "walk")
+    buffers = ThreadsOf(monkeypatch, _snapshot.Snapshotter, "__init__")
+    target = tmp_path / "c.weights.h5"
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_weights_only=True, save_on_background=True)
+    seen = {}
+
+    class Before(keras.callbacks.Callback):  # placed before `ckpt`
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                ckpt._readying.wait()
+                seen["walks"], seen["buffers"] = walks.on_main(), buffers.on_main()
+                seen["arenas"] = list(_snapshot.snapshotter_for(plan_of(self.model))._arenas)
+                seen["ready"] = [a.prefault is None or a.prefault.wait(30) for a in seen["arenas"]]
+                seen["reserved"] = {os.stat(tmp_path / n).st_ino for n in temp_files(tmp_path)}
+
+    class After(keras.callbacks.Callback):  # placed after `ckpt`
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                seen["lent to"] = seen["arenas"][0].job
+
+    oracle = KerasOracle(tmp_path / "oracle")
+    fit([Before(), ckpt, After(), oracle], model=model)
+    assert seen["walks"] == [False], "the model was walked on the training thread"
+    assert seen["buffers"] == [False], "the snapshot buffer was made on the training thread"
+    assert len(seen["arenas"]) == 1 and seen["ready"] == [True]
+    assert seen["lent to"] is not None and not isinstance(seen["lent to"], _snapshot._Reserved)
+    assert len(seen["reserved"]) == 1 and os.stat(target).st_ino not in seen["reserved"]
+    assert walks.on_main() == [False], "a save walked the model again"
+    assert_arrays_identical(oracle.values("e2"), h5_datasets(target))
+
+
+def test_a_readying_that_fails_leaves_its_work_to_the_save(tmp_path, monkeypatch):
+    """Readying is what makes the first save fast, not what makes it right: when it fails
+    (here every snapshot buffer made off the training thread), the first save makes its
+    own in its hook, and every checkpoint holds what Keras saves."""
+    model = fresh_model(big=True)
+    _walk._plans.pop(model, None)
+    buffers = ThreadsOf(monkeypatch, _snapshot.Snapshotter, "__init__", fail_off_main=True)
+    target = tmp_path / "c.weights.h5"
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_weights_only=True, save_on_background=True)
+    oracle = KerasOracle(tmp_path / "oracle")
+    fit([ckpt, oracle], model=model)
+    assert buffers.on_main() == [False, True], "readied off the training thread, then by the save"
+    assert_arrays_identical(oracle.values("e2"), h5_datasets(target))
+
+
+def test_a_keras_file_s_assets_are_looked_for_before_the_first_save(tmp_path, monkeypatch):
+    """A `.keras` file holds what objects save as assets, which Keras finds with a walk of
+    the whole model: readying does that walk, and a model without assets is never walked
+    for them on the training thread; the files are Keras's."""
+    model = fresh_model(big=False)
+    _walk._plans.pop(model, None)
+    looks = ThreadsOf(monkeypatch, _keras_private, "model_assets")
+    target = tmp_path / "c.keras"
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_on_background=True)
+    fit([ckpt], model=model)
+    assert looks.on_main() == [False]
+    keras.saving.save_model(model, tmp_path / "keras.keras")
+    with zipfile.ZipFile(target) as ours, zipfile.ZipFile(tmp_path / "keras.keras") as theirs:
+        assert ours.namelist() == theirs.namelist()
+        assert ours.read("config.json") == theirs.read("config.json")
+
+
+# String inputs: TensorFlow only.
+@pytest.mark.backends("tensorflow")
+def test_a_keras_file_with_assets_gets_them_at_every_save(tmp_path, monkeypatch):
+    """A model whose objects save assets (a `StringLookup`'s vocabulary) is looked at
+    ahead of the first save, and again by every save (the vocabulary may change): each
+    file carries what Keras's own `.keras` file of the model carries."""
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["red", "green", "green", "blue"]))
+    inputs = keras.Input((1,), dtype="string")
+    hidden = keras.layers.Flatten()(keras.layers.Embedding(8, 4)(lookup(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    model.compile(optimizer="adam", loss="mse")
+    looks = ThreadsOf(monkeypatch, _keras_private, "model_assets")
+    target = tmp_path / "c.keras"
+    import tensorflow as tf
+
+    x = tf.constant([["red"], ["blue"], ["green"], ["red"]])
+    data = tf.data.Dataset.from_tensor_slices((x, tf.ones((4, 1)))).batch(2)
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_on_background=True)
+    model.fit(data, epochs=2, shuffle=False, verbose=0, callbacks=[ckpt])
+    assert looks.on_main() == [False, True, True], "ahead of the first save, then each save"
+    model.save(tmp_path / "keras.keras")
+    with zipfile.ZipFile(target) as ours, zipfile.ZipFile(tmp_path / "keras.keras") as theirs:
+        assets = [n for n in theirs.namelist() if n.startswith("assets/")]
+        assert assets and [n for n in ours.namelist() if n.startswith("assets/")] == assets
+        assert [ours.read(n) for n in assets] == [theirs.read(n) for n in assets]
+    loaded = keras.saving.load_model(target)
+    assert loaded.layers[1].get_vocabulary() == lookup.get_vocabulary()
 
 
 @pytest.mark.parametrize(
@@ -226,6 +350,7 @@ def test_an_existing_file_gets_room_reserved_for_one_save(tmp_path):
 
     class Before(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
+            ckpt._ready()  # takes over the file reserved on the readying thread
             for spare in ckpt._spares[str(target)]:  # (to know when they have all ended)
                 spare.reserving.wait(30)
             seen.append(temp_files(tmp_path))

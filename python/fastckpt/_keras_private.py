@@ -257,7 +257,8 @@ def model_assets(model: keras.Model) -> tuple[list[tuple[str, bytes]], bool]:
     object asked for an assets folder at all."""
     store = _AssetStore("assets", mode="w")
     try:
-        saving_lib._save_state(model, _NoWeights(), store, "", set())
+        with _attribute_skipsets_cached():
+            saving_lib._save_state(model, _NoWeights(), store, "", set())
         files = []
         for root, _, names in os.walk(store.working_dir):
             for name in sorted(names):

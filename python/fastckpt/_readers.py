@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+from collections.abc import Mapping
 from typing import Any
 
 import keras
@@ -127,18 +128,46 @@ def _pinned_block(size: int) -> HostBlock:
     return HostBlock(array, _fastckpt.pin_host(array))
 
 
-def reader_for(plan: SavePlan) -> Reader | None:
+def values_readable_off_thread() -> bool:
+    """Whether a thread other than the training thread may read the variables' values
+    while `fit` runs. Not under JAX: a training step takes the values out of the
+    variables (Keras's `_purge_model_variables`), and only a callback's `model` puts them
+    back, on the training thread."""
+    return bool(keras.backend.backend() != "jax")
+
+
+def current_values(model: keras.Model) -> dict[int, Any]:
+    """The values the model's, its metrics' and its optimizer's variables hold now, by
+    `id` of the variable: read on the training thread, for a reader made on another
+    (`values_readable_off_thread`). Only what they are (dtype, device) is used of them:
+    under JAX a training step may donate them meanwhile."""
+    variables = list(model.variables) + list(getattr(model, "metrics_variables", []))
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None:
+        variables += list(optimizer.variables)
+    return {id(v): v.value for v in variables}
+
+
+def value_of(variable: Any, values: Mapping[int, Any] | None) -> Any:
+    """`variable`'s value, from `values` (`current_values`) where it is there."""
+    if values is not None and id(variable) in values:
+        return values[id(variable)]
+    return variable.value
+
+
+def reader_for(plan: SavePlan, values: Mapping[int, Any] | None = None) -> Reader | None:
     """The reader of a plan under the current backend, or None (then values are read one by
-    one with `convert_to_numpy`)."""
+    one with `convert_to_numpy`); `values` (`current_values`) for a reader made off the
+    training thread."""
     if plan.dynamic:
         return None
     name = keras.backend.backend()
     if name == "tensorflow":
         return _TensorFlowReader(plan)
     if name == "jax":
-        return _JaxReader(plan)
+        return _JaxReader(plan, values)
     if name == "torch":
-        return _TorchReader(plan)
+        return _TorchReader(plan, values)
     return None
 
 
@@ -259,18 +288,20 @@ class _JaxReader(Reader):
     device buffers (each waits for its value, and keeps it from being donated until the
     capsule is dropped), copied by the CUDA driver into the pinned arena in one batch."""
 
-    def __init__(self, plan: SavePlan) -> None:
+    def __init__(self, plan: SavePlan, values: Mapping[int, Any] | None = None) -> None:
         self._variables = [e.source for e in plan.entries]
-        values = [v.value for v in self._variables]
-        self.dtypes = [np.dtype(x.dtype) for x in values]
-        platforms = {d.platform for x in values for d in x.devices()}
+        held = [value_of(v, values) for v in self._variables]
+        self.dtypes = [np.dtype(x.dtype) for x in held]
+        # (The sharding, not `devices()`: a value read earlier may have been donated.)
+        devices = [x.sharding.device_set for x in held]
+        platforms = {d.platform for found in devices for d in found}
         self.on_device = bool(platforms - {"cpu"})
         # The driver's path takes single-device arrays on NVIDIA GPUs; sharded arrays,
         # and other accelerators, come through JAX's own host transfers.
         self._cuda = (
             self.on_device
             and platforms <= {"cpu", "gpu", "cuda"}
-            and all(len(x.devices()) == 1 for x in values)
+            and all(len(found) == 1 for found in devices)
             and _fastckpt.cuda_available()
         )
 
@@ -316,14 +347,14 @@ class _TorchReader(Reader):
     parameters' storage (valid until the next step updates them in place); on CUDA by
     non-blocking copies into pinned arena buffers on a side stream, waited for once."""
 
-    def __init__(self, plan: SavePlan) -> None:
+    def __init__(self, plan: SavePlan, values: Mapping[int, Any] | None = None) -> None:
         import torch
 
         self._variables = [e.source for e in plan.entries]
-        values = [v.value for v in self._variables]
-        self.dtypes = [numpy_dtype(keras.backend.standardize_dtype(t.dtype)) for t in values]
-        cuda = [t.device for t in values if t.device.type == "cuda"]
-        self.on_device = bool(cuda) or any(t.device.type != "cpu" for t in values)
+        held = [value_of(v, values) for v in self._variables]
+        self.dtypes = [numpy_dtype(keras.backend.standardize_dtype(t.dtype)) for t in held]
+        cuda = [t.device for t in held if t.device.type == "cuda"]
+        self.on_device = bool(cuda) or any(t.device.type != "cpu" for t in held)
         self._device = cuda[0] if cuda else None
         self._stream = None if self._device is None else torch.cuda.Stream(self._device)
 

@@ -21,22 +21,24 @@ plans with values that are not variables, go through Keras.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import keras
 import numpy as np
 
-from fastckpt import _keras_private
+from fastckpt import _keras_private, _readers
 from fastckpt._walk import Entry
 
 # A 64-bit dtype and what JAX holds it as with x64 off.
 X64_OFF = {"float64": "float32", "int64": "int32", "uint64": "uint32", "complex128": "complex64"}
 
 
-def held_dtype(variable: Any) -> str:
+def held_dtype(variable: Any, values: Mapping[int, Any] | None = None) -> str:
     """The dtype the backend holds a variable's values in: its own dtype, but under JAX
-    with x64 off a 64-bit one holds 32-bit values (and torch holds uint16 as int32)."""
-    return str(keras.backend.standardize_dtype(variable.value.dtype))
+    with x64 off a 64-bit one holds 32-bit values (and torch holds uint16 as int32);
+    `values` as for `_readers.value_of`."""
+    return str(keras.backend.standardize_dtype(_readers.value_of(variable, values).dtype))
 
 
 def accepts(file_dtype: str, declared: str, held: str) -> str | None:

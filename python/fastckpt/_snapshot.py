@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
@@ -166,7 +166,7 @@ class Snapshot:
 class Snapshotter:
     """Takes snapshots of one plan, reusing what it can between saves."""
 
-    def __init__(self, plan: SavePlan) -> None:
+    def __init__(self, plan: SavePlan, values: Mapping[int, Any] | None = None) -> None:
         # The entries, not the plan: the plan holds its snapshotter, and a reference back
         # would make the two a cycle that only the garbage collector frees.
         self._entries = plan.entries
@@ -175,7 +175,7 @@ class Snapshotter:
         self._wanted: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._unowned = 0
         self._lock = threading.Lock()
-        self._read: Reader | None = reader_for(plan)
+        self._read: Reader | None = reader_for(plan, values)
         # (entry index, shape, dtype) of the values copied into the arena.
         self._specs: list[tuple[int, tuple[int, ...], np.dtype]] = []
         if self._read is not None:
@@ -248,11 +248,18 @@ class Snapshotter:
             raise
 
 
-def snapshotter_for(plan: SavePlan) -> Snapshotter:
+# Snapshotters are made on the training thread and on the callbacks' readying thread.
+_MAKING = threading.Lock()
+
+
+def snapshotter_for(plan: SavePlan, values: Mapping[int, Any] | None = None) -> Snapshotter:
     """The snapshotter of a plan, made once and reused while the plan is (it is kept on the
-    plan: a cache keyed by the plan would keep it alive through the snapshotter)."""
+    plan: a cache keyed by the plan would keep it alive through the snapshotter); `values`
+    (`_readers.current_values`) to make it off the training thread."""
     if plan.snapshotter is None:
-        plan.snapshotter = Snapshotter(plan)
+        with _MAKING:
+            if plan.snapshotter is None:
+                plan.snapshotter = Snapshotter(plan, values)
     snapper: Snapshotter = plan.snapshotter
     return snapper
 

@@ -8,6 +8,7 @@ the model's (and optimizer's) variables are different objects or differ in numbe
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
 from typing import Any
 
@@ -55,6 +56,8 @@ class SavePlan:
     # The plan's snapshotter (`_snapshot.snapshotter_for`), made with the first snapshot and
     # kept here so that it lives exactly as long as the plan (and the model) does.
     snapshotter: Any = None
+    # The payload bytes a save writes (`api.plan_bytes`), once asked for.
+    payload_bytes: int | None = None
 
 
 def _optimizer(model: keras.Model) -> Any:
@@ -109,21 +112,25 @@ def walk(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
 
 
 _plans: weakref.WeakKeyDictionary[Any, dict[bool, SavePlan]] = weakref.WeakKeyDictionary()
+# Plans are made on the training thread and on the callbacks' readying thread: one walk
+# at a time, so that both get the same plan (and with it the buffers readied for it).
+_PLANS_LOCK = threading.RLock()
 
 
 def plan_for(model: keras.Model, include_optimizer: bool = True) -> SavePlan:
     """The model's SavePlan: reused while its variables stay the same objects."""
     _check_model(model)
-    cached = _plans.get(model, {}).get(include_optimizer)
-    if (
-        cached is not None
-        and not cached.dynamic
-        and cached.fingerprint == fingerprint(model, include_optimizer)
-    ):
-        return cached
-    plan = walk(model, include_optimizer)
-    _plans.setdefault(model, {})[include_optimizer] = plan
-    return plan
+    with _PLANS_LOCK:
+        cached = _plans.get(model, {}).get(include_optimizer)
+        if (
+            cached is not None
+            and not cached.dynamic
+            and cached.fingerprint == fingerprint(model, include_optimizer)
+        ):
+            return cached
+        plan = walk(model, include_optimizer)
+        _plans.setdefault(model, {})[include_optimizer] = plan
+        return plan
 
 
 def sizes_once_built(model: keras.Model, include_optimizer: bool = True) -> list[int] | None:

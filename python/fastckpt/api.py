@@ -8,7 +8,7 @@ import os
 import pathlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
 import keras
@@ -505,16 +505,26 @@ def prepare(
     buffers: int = 1,
     owner: object = None,
     warm: Sequence[WarmBlock] = (),
+    values: Mapping[int, Any] | None = None,
+    format: str | None = None,
 ) -> list[Any]:
     """Readies the snapshot buffers of saves of `model` before the first one is due: the
-    plan (Keras's traversal, on this thread) and `buffers` buffers whose memory is faulted
+    plan (Keras's traversal) and `buffers` buffers whose memory is faulted
     in on a low-priority thread, made from `warm` (`warm_up`'s memory) where it is large
     enough; returns them (their `prefault` jobs tell when they are ready). The buffers of
-    several `owner`s (the callbacks of one `fit`) add up."""
+    several `owner`s (the callbacks of one `fit`) add up. Off the training thread, what
+    the buffers need of the variables' values comes from `values`
+    (`_readers.current_values`, read on the training thread). With `format` (a
+    `formats.Format` name), what its first save would find out is found out now too (a
+    `.keras` file: whether any object saves assets)."""
     plan = plan_for(model, include_optimizer)
     if not _processes.is_writer():
         return []  # process 0 writes: nothing to ready here
-    return snapshotter_for(plan).prepare(buffers, owner, warm)
+    if format == "keras":
+        from fastckpt.formats import keras_zip
+
+        keras_zip.find_assets(model, plan)
+    return snapshotter_for(plan, values).prepare(buffers, owner, warm)
 
 
 def warm_up(
@@ -561,16 +571,20 @@ def reserve_spares(
     return reserved
 
 
-def plan_bytes(plan: SavePlan) -> int:
-    """The payload bytes a save of `plan` writes (its metadata comes on top)."""
+def plan_bytes(plan: SavePlan, values: Mapping[int, Any] | None = None) -> int:
+    """The payload bytes a save of `plan` writes (its metadata comes on top), kept on the
+    plan; `values` as for `prepare`."""
+    if plan.payload_bytes is not None:
+        return plan.payload_bytes
     total = 0
     for entry in plan.entries:
         source = entry.source
         if isinstance(source, keras.Variable):
             # What a save writes is what the variable holds (float32 for a float64 one
             # under JAX with x64 off), as Keras's files do.
-            dtype = formats.numpy_dtype(_restore.held_dtype(source))
+            dtype = formats.numpy_dtype(_restore.held_dtype(source, values))
             total += int(np.prod(source.shape, dtype=np.int64)) * dtype.itemsize
+    plan.payload_bytes = total
     return total
 
 

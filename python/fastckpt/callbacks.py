@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
@@ -29,8 +30,10 @@ from fastckpt import (
     _fastckpt,
     _keras_private,
     _processes,
+    _readers,
     _snapshot,
     _training_state,
+    _walk,
     api,
     formats,
 )
@@ -91,6 +94,109 @@ class _Save:
         return not isinstance(self.handle, api.SaveJob) or self.handle.done()
 
 
+class _Readying:
+    """The readying of one `fit`'s first saves (`ModelCheckpoint._prepare`): tasks run in
+    the order queued on one thread for the whole process, at the interpreter's normal
+    priority (a low-priority thread descheduled while it holds the interpreter's lock
+    would stall the training thread). A task's own work is short: what takes long,
+    faulting memory in and reserving files, it hands to fastckpt's low-priority native
+    threads. A task returns None, or what it hands over to the callback
+    (`ModelCheckpoint._ready`); the fields are the tasks' own until they have ended.
+
+    When several processes train together, every task runs on the training thread, as
+    the hook asks for it: Keras's traversal may create variables (reference objects it
+    inspects), and under a `keras.distribution` creating one is a collective of every
+    process, so it must come at the same point of training on all of them."""
+
+    def __init__(self) -> None:
+        self._futures: list[concurrent.futures.Future[Any]] = []
+        self._inline = _processes.count() > 1
+        # Memory readied before the plan existed (`_warm_up`); the snapshot buffers'
+        # faulting-in jobs (`_ready_buffers`).
+        self.warm: list[_snapshot.WarmBlock] = []
+        self.prefaults: list[_fastckpt.Job] = []
+
+    def queue(self, task: Callable[..., Any], *args: Any, here: bool = False) -> None:
+        """Runs `task(self, *args)` on the readying thread, or with `here` on this thread
+        once the tasks queued before it have ended (for one that reads the variables'
+        values where only the training thread may: `_readers.values_readable_off_thread`)."""
+        if not (here or self._inline):
+            self._futures.append(_readying_thread().submit(task, self, *args))
+            return
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        concurrent.futures.wait(self._futures)
+        try:
+            done.set_result(task(self, *args))
+        except Exception as e:
+            done.set_exception(e)
+        self._futures.append(done)
+
+    def wait(self) -> None:
+        """Waits for every task queued so far."""
+        concurrent.futures.wait(self._futures)
+
+    def take(self) -> list[concurrent.futures.Future[Any]]:
+        """Waits for every task queued so far; returns them, forgotten here."""
+        futures, self._futures = self._futures, []
+        concurrent.futures.wait(futures)
+        return futures
+
+
+def _warm_up(readying: _Readying, model: keras.Model, buffers: int) -> None:
+    readying.warm = api.warm_up(model, buffers=buffers)
+
+
+def _ready_buffers(
+    readying: _Readying,
+    model: keras.Model,
+    buffers: int,
+    owner: object,
+    values: Mapping[int, Any] | None,
+    format: str,
+) -> None:
+    arenas = api.prepare(
+        model, buffers=buffers, owner=owner, warm=readying.warm, values=values, format=format
+    )
+    readying.warm = []
+    readying.prefaults = [a.prefault for a in arenas if a.prefault is not None]
+    # Kept on the plan, for `_reserve_first`, which has no `values`.
+    api.plan_bytes(_walk.plan_for(model), values)
+
+
+def _reserve_first(
+    readying: _Readying, model: keras.Model, path: str
+) -> Callable[[ModelCheckpoint], None]:
+    """A file beside `path` for the first save to write into, reserved once the snapshot
+    buffers are ready; when the file is new, the first save replaces nothing, so the
+    second save gets a file reserved too, once the first is written
+    (`ModelCheckpoint._reserve_second`: not beside the first snapshot, whose copy would
+    share the machine with it)."""
+    new = not os.path.exists(path)
+    reserved = api.reserve_spares(model, path, 1, after=readying.prefaults)
+
+    def hand_over(callback: ModelCheckpoint) -> None:
+        callback._second_spare = new
+        for spare, job in reserved:
+            callback._keep_spare(path, _Spare(os.fspath(spare), job))
+
+    return hand_over
+
+
+_READYING: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _readying_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The readying thread of this process (a forked child gets its own: the parent's
+    thread does not exist there), started the first time it is asked for: by a callback
+    made, not in a hook, since starting a thread waits until it runs."""
+    global _READYING
+    if _READYING is None or _READYING[0] != os.getpid():
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastckpt-readying")
+        executor.submit(lambda: None)
+        _READYING = (os.getpid(), executor)
+    return _READYING[1]
+
+
 class ModelCheckpoint(MonitorCallbackBase):
     """Saves the Keras model or its weights at some frequency, in the background.
 
@@ -106,11 +212,11 @@ class ModelCheckpoint(MonitorCallbackBase):
       queued), so host memory stays bounded; a save that finds them all taken waits for
       the oldest, whose write then runs on every core. A queued save whose write has not
       begun is dropped when a newer save to the same file comes (never for another file).
-    - Before the first save is due (when training begins), the save is planned (the
-      optimizer built if it is not yet), the snapshot buffers are allocated and their
-      memory faulted in on a low-priority thread, and for a file name without `{...}`
-      fields room is reserved beside it, so the first checkpoint pauses training no
-      longer than the later ones.
+    - Before the first save is due, while training runs, a thread of fastckpt's own
+      plans the save (Keras's traversal of the model) and allocates the snapshot
+      buffers, whose memory is faulted in on a low-priority thread, and for a file name
+      without `{...}` fields room is reserved beside it, so the first checkpoint pauses
+      training no longer than the later ones.
     - A save that replaces a file keeps the old one under a hidden temp name, and the next
       save of that file writes into it (no memory or blocks to allocate again); the kept
       files are removed when training ends. The last checkpoint of a `fit` is written
@@ -271,10 +377,11 @@ class ModelCheckpoint(MonitorCallbackBase):
             )
 
         self._epochs_since_last_save = 0
-        # How far `_prepare` has readied this `fit`'s first saves: None, "warm",
-        # "buffers", "all".
+        # How far `_prepare` has asked this `fit`'s first saves to be readied: None,
+        # "warm", "buffers", "all"; and the readying itself.
         self._readied: str | None = None
-        self._prefaults: list[_fastckpt.Job] = []
+        self._readying = _Readying()
+        _readying_thread()
         # Whether the second save of a new file still needs a file reserved (`_prepare`).
         self._second_spare = False
         # Saves handed to the writer and not yet reported, oldest first.
@@ -286,9 +393,6 @@ class ModelCheckpoint(MonitorCallbackBase):
         # the first training step, then each the file that a save replaced, kept under a
         # temp name. At most `_SPARES_PER_FILE`; removed when training ends.
         self._spares: dict[str, list[_Spare]] = {}
-        # Memory readied for the snapshot buffers before the save could be planned (see
-        # `_prepare`).
-        self._warm: list[_snapshot.WarmBlock] = []
         self._retention: concurrent.futures.ThreadPoolExecutor | None = None
         self._deletions: list[concurrent.futures.Future[list[tuple[str, OSError]]]] = []
 
@@ -296,57 +400,70 @@ class ModelCheckpoint(MonitorCallbackBase):
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # A save left running by an interrupted `fit` ends (or raises) before a new one.
+        self._ready()
         self.wait_until_finished()
         _training_state.register(self.model, self)
         self._readied = None
+        self._readying = _Readying()
         self._prepare(stepped=False)
 
     def _prepare(self, stepped: bool = True) -> None:
-        """Readies what the first saves need before they are due, off the training thread
-        (see `api.prepare`): when training begins, the snapshot buffers, their memory
-        faulted in while the first step runs (TensorFlow traces it, JAX compiles it, on
-        one core for a second or more); once a step has run (`stepped`), the files the
-        first writes go into. An optimizer not built yet (TensorFlow builds it in the
-        first step) is not built here, which would only move that step's cost into this
-        hook: memory of the size the buffers are expected to need is readied instead
-        (`api.warm_up`), and the save is planned at the first batch's end, its buffers
-        made from that memory."""
+        """Readies what the first saves need before they are due, on the readying thread
+        (`_Readying`), so that the first checkpoint pauses training no longer than a later
+        one: when training begins, the save's plan (Keras's traversal) and the snapshot
+        buffers, their memory faulted in while the first step runs (TensorFlow traces it,
+        JAX compiles it, on one core for a second or more); once a step has run
+        (`stepped`), the files the first writes go into. An optimizer not built yet
+        (TensorFlow builds it in the first step) is not built here, which would only move
+        that step's cost into this hook: memory of the size the buffers are expected to
+        need is readied instead (`api.warm_up`), and the save is planned after the first
+        step, its buffers made from that memory. A save waits for what is still being
+        readied (`_ready`)."""
         if self._readied == "all" or not self.model.built:
             return
         if self._format().name == "process_shards":
             self._readied = "all"  # every process writes its parts at once: nothing to ready
             return
-        buffers = self.snapshot_buffers if in_background(self.save_on_background, self.model) else 0
-        optimizer = getattr(self.model, "optimizer", None)
+        # The model as this thread sees it: under JAX, `self.model` syncs the trainer's
+        # state into the variables, which only the training thread may do.
+        model = self.model
+        buffers = self.snapshot_buffers if in_background(self.save_on_background, model) else 0
+        # Where only this thread may read the variables' values (JAX), what the buffers
+        # need of them is read here.
+        here = not _readers.values_readable_off_thread()
+        optimizer = getattr(model, "optimizer", None)
         if optimizer is not None and not optimizer.built:
             if self._readied is None:
-                self._warm = api.warm_up(self.model, buffers=buffers)
+                self._readying.queue(_warm_up, model, buffers, here=here)
                 self._readied = "warm"
             return
         if self._readied != "buffers":
-            arenas = api.prepare(self.model, buffers=buffers, owner=self, warm=self._warm)
-            self._warm = []
-            self._prefaults = [a.prefault for a in arenas if a.prefault is not None]
+            values = _readers.current_values(model) if here else None
+            self._readying.queue(_ready_buffers, model, buffers, self, values, self._format().name)
             self._readied = "buffers"
         if not stepped:
             return
         self._readied = "all"
-        # A file name without placeholders is rewritten by every save: reserve room beside
-        # it for the first save to write into, after the buffers; when the file is new,
-        # the first save replaces nothing, so the second gets a file reserved too, once
-        # the first is written (`_reserve_second`: not beside the first snapshot, whose
-        # copy would share the machine with it). Later saves reuse the file the one
-        # before them replaced.
+        # A file name without placeholders is rewritten by every save: room is reserved
+        # beside it for the first save to write into, after the buffers (see
+        # `_reserve_first`). Later saves reuse the file the one before them replaced.
         path = os.path.abspath(self.filepath)
-        if not _is_fixed(self.filepath) or self._spares.get(path):
-            return
-        self._second_spare = not os.path.exists(path)
-        for spare, job in api.reserve_spares(self.model, path, 1, after=self._prefaults):
-            self._keep_spare(path, _Spare(os.fspath(spare), job))
+        if _is_fixed(self.filepath) and not self._spares.get(path):
+            self._readying.queue(_reserve_first, model, path)
+
+    def _ready(self) -> None:
+        """Waits for what `_prepare` queued and takes over what it made (before a save,
+        and when training ends). What failed readied nothing: the save then does that
+        work itself, in its hook, and raises there what still fails (readying runs
+        beside the training step, where a layer's own saving code may find the values
+        taken out of its variables: `_readers.values_readable_off_thread`)."""
+        for task in self._readying.take():
+            if task.exception() is None and task.result() is not None:
+                task.result()(self)
 
     def _reserve_second(self, after: api.SaveJob) -> None:
         """Reserves the file the second save of a new file writes into, once the first
-        save's write (`after`) has ended (see `_prepare`)."""
+        save's write (`after`) has ended (see `_reserve_first`)."""
         self._second_spare = False
         path = os.path.abspath(self.filepath)
         for spare, job in api.reserve_spares(self.model, path, 1, after=[after]):
@@ -376,6 +493,7 @@ class ModelCheckpoint(MonitorCallbackBase):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         error = None
         try:
+            self._ready()
             self.wait_until_finished()
         except BaseException as e:
             error = e
@@ -492,6 +610,7 @@ class ModelCheckpoint(MonitorCallbackBase):
 
     def _save_model(self, epoch: int, batch: int | None, logs: dict[str, Any] | None) -> None:
         """Decides, prints, and hands the save to the writer."""
+        self._ready()
         filepath = self._get_file_path(epoch, batch, logs)
         save, message = self._decide(epoch, logs, filepath)
         background = in_background(self.save_on_background, self.model)

@@ -55,6 +55,15 @@ def members(
     return before, assets
 
 
+def find_assets(model: object, plan: SavePlan) -> None:
+    """Finds out ahead of the first save whether any object of `model` saves assets
+    (`members`), where a walk of the model costs that save nothing (`api.prepare`)."""
+    from fastckpt import _keras_private
+
+    if plan.has_assets is None:
+        plan.has_assets = _keras_private.model_assets(model)[1]
+
+
 def plan(request: SaveRequest) -> list[_fastckpt.PlannedFile]:
     before, after = members(request.model, request.plan)
     return [
