@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -188,6 +189,9 @@ def test_the_first_save_is_readied_off_the_training_thread(tmp_path, monkeypatch
                 seen["walks"], seen["buffers"] = walks.on_main(), buffers.on_main()
                 seen["arenas"] = list(_snapshot.snapshotter_for(plan_of(self.model))._arenas)
                 seen["ready"] = [a.prefault is None or a.prefault.wait(30) for a in seen["arenas"]]
+                ckpt._ready()  # what the save does first: takes over the file reserved
+                for spare in ckpt._spares[str(target)]:  # (its reservation may not have begun)
+                    spare.reserving.wait(30)
                 seen["reserved"] = {os.stat(tmp_path / n).st_ino for n in temp_files(tmp_path)}
 
     class After(keras.callbacks.Callback):  # placed after `ckpt`
@@ -219,6 +223,24 @@ def test_a_readying_that_fails_leaves_its_work_to_the_save(tmp_path, monkeypatch
     fit([ckpt, oracle], model=model)
     assert buffers.on_main() == [False, True], "readied off the training thread, then by the save"
     assert_arrays_identical(oracle.values("e2"), h5_datasets(target))
+
+
+def test_a_forked_child_gets_a_readying_thread_of_its_own():
+    """The readying thread is the process's: a child forked after it started (which has
+    no such thread) gets one of its own, and its tasks run."""
+    fastckpt_callbacks._readying_thread().submit(lambda: None).result(timeout=30)
+    with warnings.catch_warnings():
+        # JAX warns that a fork of its threads may deadlock: the child uses none of them.
+        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: no pytest in here, only an exit status
+        try:
+            ran = fastckpt_callbacks._readying_thread().submit(lambda: 7).result(timeout=10)
+            os._exit(0 if ran == 7 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_a_keras_file_s_assets_are_looked_for_before_the_first_save(tmp_path, monkeypatch):
