@@ -506,24 +506,23 @@ def prepare(
     owner: object = None,
     warm: Sequence[WarmBlock] = (),
     values: Mapping[int, Any] | None = None,
-    format: str | None = None,
+    format: formats.Format | None = None,
 ) -> list[Any]:
     """Readies the snapshot buffers of saves of `model` before the first one is due: the
     plan (Keras's traversal) and `buffers` buffers whose memory is faulted
     in on a low-priority thread, made from `warm` (`warm_up`'s memory) where it is large
     enough; returns them (their `prefault` jobs tell when they are ready). The buffers of
-    several `owner`s (the callbacks of one `fit`) add up. Off the training thread, what
-    the buffers need of the variables' values comes from `values`
-    (`_readers.current_values`, read on the training thread). With `format` (a
-    `formats.Format` name), what its first save would find out is found out now too (a
-    `.keras` file: whether any object saves assets)."""
+    several `owner`s (the callbacks of one `fit`) add up. The save's payload size is
+    measured too (`plan_bytes`, for `reserve_spares`), and with `format` what its first
+    save would find out (`Format.ready`). Off the training thread, what all this needs of
+    the variables' values comes from `values` (`_readers.current_values`, read on the
+    training thread)."""
     plan = plan_for(model, include_optimizer)
     if not _processes.is_writer():
         return []  # process 0 writes: nothing to ready here
-    if format == "keras":
-        from fastckpt.formats import keras_zip
-
-        keras_zip.find_assets(model, plan)
+    plan_bytes(plan, values)
+    if format is not None:
+        format.ready(model, plan)
     return snapshotter_for(plan, values).prepare(buffers, owner, warm)
 
 

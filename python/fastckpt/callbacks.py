@@ -33,7 +33,6 @@ from fastckpt import (
     _readers,
     _snapshot,
     _training_state,
-    _walk,
     api,
     formats,
 )
@@ -124,7 +123,7 @@ class _Readying:
             self._futures.append(_readying_thread().submit(task, self, *args))
             return
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        concurrent.futures.wait(self._futures)
+        self.wait()
         try:
             done.set_result(task(self, *args))
         except Exception as e:
@@ -137,8 +136,8 @@ class _Readying:
 
     def take(self) -> list[concurrent.futures.Future[Any]]:
         """Waits for every task queued so far; returns them, forgotten here."""
+        self.wait()
         futures, self._futures = self._futures, []
-        concurrent.futures.wait(futures)
         return futures
 
 
@@ -152,15 +151,13 @@ def _ready_buffers(
     buffers: int,
     owner: object,
     values: Mapping[int, Any] | None,
-    format: str,
+    format: formats.Format,
 ) -> None:
     arenas = api.prepare(
         model, buffers=buffers, owner=owner, warm=readying.warm, values=values, format=format
     )
     readying.warm = []
     readying.prefaults = [a.prefault for a in arenas if a.prefault is not None]
-    # Kept on the plan, for `_reserve_first`, which has no `values`.
-    api.plan_bytes(_walk.plan_for(model), values)
 
 
 def _reserve_first(
@@ -439,7 +436,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             return
         if self._readied != "buffers":
             values = _readers.current_values(model) if here else None
-            self._readying.queue(_ready_buffers, model, buffers, self, values, self._format().name)
+            self._readying.queue(_ready_buffers, model, buffers, self, values, self._format())
             self._readied = "buffers"
         if not stepped:
             return

@@ -174,6 +174,14 @@ class Format:
         files: list[_fastckpt.PlannedFile] = self.impl.plan(request)
         return files
 
+    def ready(self, model: Any, plan: SavePlan) -> None:
+        """Finds out, ahead of the first save of `plan` (off the training thread), what
+        that save would otherwise find out in its hook: the module's `ready`, where it has
+        one (a `.keras` file: whether any object saves assets)."""
+        ready = getattr(self.impl, "ready", None)
+        if ready is not None:
+            ready(model, plan)
+
     def open(self, path: str) -> Checkpoint:
         """The file opened for reading (see `open_checkpoint`)."""
         checkpoint: Checkpoint = self.impl.open(path)

@@ -55,9 +55,9 @@ def members(
     return before, assets
 
 
-def find_assets(model: object, plan: SavePlan) -> None:
+def ready(model: object, plan: SavePlan) -> None:
     """Finds out ahead of the first save whether any object of `model` saves assets
-    (`members`), where a walk of the model costs that save nothing (`api.prepare`)."""
+    (`members`), where a walk of the model costs that save nothing (`Format.ready`)."""
     from fastckpt import _keras_private
 
     if plan.has_assets is None:
