@@ -326,12 +326,14 @@ def test_the_expected_size_of_a_save_is_what_the_optimizer_builds(optimizer):
     assert _walk.sizes_once_built(model) is None, "nothing to estimate once built"
 
 
-def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
+@pytest.mark.parametrize("background", [True, False], ids=["background", "synchronous"])
+def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path, background):
     """A file name without fields gets a file reserved beside it after the first step, for
     the first save to write into; a new file's first save replaces nothing, so a second is
     reserved once the first save's write has ended, for the second save. Each later save
     writes into the file the save before it replaced. Watched through the files' inodes;
-    the content is Keras's; no reserved or kept file stays once training has ended."""
+    the content is Keras's; no reserved or kept file stays once training has ended.
+    Synchronous saves (PyTorch's default on a CPU) get both files too."""
     reserved: list[int] = []
     inodes = []
     target = tmp_path / "c.safetensors"
@@ -354,7 +356,7 @@ def test_a_new_file_gets_room_reserved_for_its_first_two_saves(tmp_path):
             ckpt.wait_until_finished()
             inodes.append(os.stat(target).st_ino)
 
-    ckpt = fastckpt.ModelCheckpoint(str(target), save_on_background=True)
+    ckpt = fastckpt.ModelCheckpoint(str(target), save_on_background=background)
     oracle = KerasOracle(tmp_path / "oracle")
     fit([Before(), ckpt, After(), oracle], epochs=4)
     assert len(reserved) == 2, "a file reserved before each of the first two saves"

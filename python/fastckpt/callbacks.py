@@ -458,12 +458,15 @@ class ModelCheckpoint(MonitorCallbackBase):
             if task.exception() is None and task.result() is not None:
                 task.result()(self)
 
-    def _reserve_second(self, after: api.SaveJob) -> None:
+    def _reserve_second(self, after: api.SaveJob | None) -> None:
         """Reserves the file the second save of a new file writes into, once the first
-        save's write (`after`) has ended (see `_reserve_first`)."""
+        save's write (`after`, None when it was synchronous and has ended) has ended (see
+        `_reserve_first`)."""
         self._second_spare = False
         path = os.path.abspath(self.filepath)
-        for spare, job in api.reserve_spares(self.model, path, 1, after=[after]):
+        for spare, job in api.reserve_spares(
+            self.model, path, 1, after=[] if after is None else [after]
+        ):
             self._keep_spare(path, _Spare(os.fspath(spare), job))
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
@@ -657,11 +660,12 @@ class ModelCheckpoint(MonitorCallbackBase):
         if not background:
             self._keep_spare(filepath, _kept(job))
         self._saves.append(_Save(epoch, filepath, handle, reuse))
-        if isinstance(handle, api.SaveJob):
-            _track(handle)
-            if self._second_spare:
-                self._reserve_second(handle)
-        else:
+        written = handle if isinstance(handle, api.SaveJob) else None
+        if written is not None:
+            _track(written)
+        if self._second_spare:
+            self._reserve_second(written)
+        if written is None:
             self._collect()
 
     def _make_room(self, filepath: str, epoch: int) -> None:
