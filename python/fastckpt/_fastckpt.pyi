@@ -401,6 +401,14 @@ def reserve_spare(target: _Path, length: int, *, after: Sequence[Job] = ...) -> 
     once every job in `after` has ended; returns the file's path (known at once: a write
     may be queued behind the job to reuse it) and the job."""
 
+def release_mappings() -> int:
+    """Lets go of the mappings this process keeps of files written again and again (on
+    tmpfs, with `keep_replaced`): they hold the files' memory, even once the files are
+    removed, until then. Returns how many there were."""
+
+def kept_mappings() -> int:
+    """How many mappings of files written again and again this process keeps."""
+
 def sweep_stale_temps(folder: _Path) -> int:
     """Removes the temp files of dead fastckpt writers in `folder`; returns how many."""
 

@@ -442,6 +442,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         except BaseException:
             if self._job_reuse is not None:
                 _callbacks._remove_spare(self._job_reuse)
+            # The error ends `fit`, and Keras calls no `on_train_end` then.
+            _fastckpt.release_mappings()
             raise
         finally:
             self._job_reuse = None
@@ -451,9 +453,9 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._collect(wait=True)
 
     def _drop_kept(self) -> None:
-        if self._kept is not None:
-            _callbacks._drop_when_done([self._kept])
-            self._kept = None
+        kept = [] if self._kept is None else [self._kept]
+        _callbacks._drop_when_done(kept, training_ended=True)
+        self._kept = None
 
     # Preemption -----------------------------------------------------------------------
 

@@ -507,7 +507,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         takes time and nothing waits for it (a leftover is a temp file that the next save
         into its folder sweeps once this process is gone)."""
         spares, self._spares = [s for kept in self._spares.values() for s in kept], {}
-        _drop_when_done(spares)
+        _drop_when_done(spares, training_ended=True)
 
     # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
 
@@ -752,6 +752,8 @@ class ModelCheckpoint(MonitorCallbackBase):
                 # A save that failed before its write began leaves its kept file unused.
                 if pending.reuse is not None:
                     _remove_spare(pending.reuse)
+                # The error ends `fit`, and Keras calls no `on_train_end` then.
+                _fastckpt.release_mappings()
                 raise
             written_here = _processes.is_writer()
             if self.verbose > 0 and _keras_private.PRINTS_FINISHED_SAVING and written_here:
@@ -898,11 +900,14 @@ def _remove_spare(spare: _Spare) -> None:
         _remove_files([spare.path])
 
 
-def _drop_when_done(spares: list[_Spare]) -> None:
+def _drop_when_done(spares: list[_Spare], *, training_ended: bool = False) -> None:
     """Removes kept files on a daemon thread. A reservation that has not begun is dropped
-    (it makes no file); one that has is waited for (it fills the file until it ends)."""
+    (it makes no file); one that has is waited for (it fills the file until it ends). When
+    training has ended, then lets go of the mappings the writer keeps of files in memory
+    written again and again (`_fastckpt.release_mappings`): they hold the files' memory,
+    even once the files are removed."""
     spares = [s for s in spares if s.reserving is None or not s.reserving.cancel()]
-    if not spares:
+    if not spares and not training_ended:
         return
 
     def drop() -> None:
@@ -911,6 +916,8 @@ def _drop_when_done(spares: list[_Spare]) -> None:
             while spare.reserving is not None and not spare.reserving.done():
                 time.sleep(_WAIT_SLICE_S)
         _remove_files([spare.path for spare in spares])
+        if training_ended:
+            _fastckpt.release_mappings()
 
     threading.Thread(target=drop, name="fastckpt-spares", daemon=True).start()
 

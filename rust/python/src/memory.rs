@@ -103,3 +103,17 @@ pub fn reserve_spare(
     );
     (temp, job)
 }
+
+/// Lets go of the mappings this process keeps of files written again and again (a
+/// callback's checkpoint and its spare, on tmpfs: `keep_replaced`), which hold the files'
+/// memory until then even once the files are removed; returns how many there were.
+#[pyfunction]
+pub fn release_mappings(py: Python<'_>) -> usize {
+    py.detach(io::release_mappings)
+}
+
+/// How many mappings of files written again and again this process keeps.
+#[pyfunction]
+pub fn kept_mappings() -> usize {
+    io::kept_mappings()
+}

@@ -6,12 +6,12 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::direct::DirectFile;
 use super::fault::{self, Stage};
-use super::mapped::MappedFile;
+use super::mapped::{self, MappedFile};
 use super::parallel::{plan_pieces, run_pieces_with, Digests, Width};
 use super::temp::{sweep_stale_temps, temp_path_for};
 use crate::error::{Error, Result};
@@ -261,14 +261,34 @@ pub(crate) fn write_temp(
     } else {
         None
     };
-    // A file in memory is written through a mapping of it once the write is waited for
-    // (see `mapped.rs`): made then, the space allocated by now (a full tmpfs has already
-    // failed above).
+    // A file in memory is written through a mapping of it: the one kept from its last
+    // write or its reservation, populated, from the start; otherwise one made once the
+    // write is waited for (see `mapped.rs`), the space allocated by now (a full tmpfs has
+    // already failed above).
+    let kept = direct.is_none().then(|| mapped::take(&file)).flatten();
     let mapping: OnceLock<Option<MappedFile>> = OnceLock::new();
+    let whole = kept.is_some();
+    if let Some(map) = kept {
+        let _ = mapping.set(Some(map));
+    }
+    let unmapped = AtomicBool::new(false); // a payload written with `pwrite`
+    let hurried = || opts.width.effort.is_hurried();
     let mapped = || {
-        let waited = direct.is_none() && opts.width.effort.is_hurried();
-        let mapping = waited.then(|| mapping.get_or_init(|| MappedFile::open(&file, len)));
+        let waited = direct.is_none() && hurried();
+        let mapping = if whole {
+            mapping.get()
+        } else {
+            waited.then(|| mapping.get_or_init(|| MappedFile::open(&file, len)))
+        };
         mapping.and_then(Option::as_ref)
+    };
+    // Writes `bytes` at `offset` through the mapping where it covers them.
+    let put = |map: Option<&MappedFile>, bytes: &[u8], offset: u64| match map {
+        Some(m) if m.covers(offset, bytes.len()) => m.write_all_at(bytes, offset, hurried()),
+        _ => {
+            unmapped.store(true, Ordering::Relaxed);
+            file.write_all_at(bytes, offset)
+        }
     };
     run_pieces_with(&pieces, &opts.width, |piece| {
         fault::delay();
@@ -277,10 +297,9 @@ pub(crate) fn write_temp(
         let mut scratch = Vec::new();
         if let [e] = piece.extents.as_slice() {
             let bytes = tensors[slots[e.item].tensor].piece(e.start, e.len, &mut scratch)?;
-            match (&direct, mapped()) {
-                (Some(d), _) => d.write_all_at(&file, bytes, e.offset)?,
-                (None, Some(m)) => m.write_all_at(bytes, e.offset)?,
-                (None, None) => file.write_all_at(bytes, e.offset)?,
+            match &direct {
+                Some(d) => d.write_all_at(&file, bytes, e.offset)?,
+                None => put(mapped(), bytes, e.offset)?,
             }
             digests.record(e.item, e.start, bytes);
             opts.progress.add(e.len as u64);
@@ -294,16 +313,16 @@ pub(crate) fn write_temp(
             buf[at..at + e.len].copy_from_slice(bytes);
             digests.record(e.item, e.start, bytes);
         }
-        match mapped() {
-            Some(m) => m.write_all_at(&buf, piece.offset)?,
-            None => file.write_all_at(&buf, piece.offset)?,
-        }
+        put(mapped(), &buf, piece.offset)?;
         opts.progress
             .add(piece.extents.iter().map(|e| e.len as u64).sum());
         Ok(())
     })
     .map_err(|e| Error::io("write", target, e))?;
-    drop(mapping);
+    // A file written again and again keeps the mapping of this write for the next one, if
+    // every payload went through it (so its pages are faulted in).
+    let keeping = opts.keep_replaced && !unmapped.load(Ordering::Relaxed);
+    let mapping = mapping.into_inner().flatten().filter(|_| keeping);
 
     let regions = layout.regions(&digests.finish())?;
     for region in &regions {
@@ -327,6 +346,9 @@ pub(crate) fn write_temp(
         zero_gaps(&file, written, len).map_err(|e| Error::io("write", target, e))?;
         file.set_len(len)
             .map_err(|e| Error::io("truncate the kept file beside", target, e))?;
+    }
+    if let Some(map) = mapping {
+        mapped::keep(&file, map);
     }
     fault::check(Stage::Fsync)
         .and_then(|_| file.sync_data())
@@ -360,8 +382,9 @@ fn open_temp(temp: &Path, target: &Path, reused: bool) -> Result<File> {
 /// Makes a temp file beside `target` holding `len` bytes of reserved space (zeros), for a
 /// first write to reuse (`WriteOptions::reuse`): the space a write would otherwise have to
 /// allocate as it goes, reserved ahead, while the CPU is idle. On a filesystem in memory
-/// (tmpfs) the zeros are also written, so the memory is touched too: a page that is only
-/// reserved still costs its first touch (on a VM, the host backing it) in the write.
+/// (tmpfs) the memory is touched too, through a mapping of the file kept for the writes
+/// into it (`mapped.rs`): a page that is only reserved still costs its first touch (on a
+/// VM, the host backing it) in the write.
 /// Returns its path; on failure nothing is left behind.
 ///
 /// A reservation is a run's first touch of the folder, so it first sweeps what a crashed
@@ -382,7 +405,9 @@ pub fn reserve_spare_at(temp: &Path, target: &Path, len: u64, width: &Width) -> 
     if let Ok(dir) = folder_of(target) {
         sweep_stale_temps(&dir);
     }
+    // Read as well as write: a file in memory is touched through a shared mapping of it.
     let made = OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o666)
@@ -391,7 +416,12 @@ pub fn reserve_spare_at(temp: &Path, target: &Path, len: u64, width: &Width) -> 
         .and_then(|file| {
             reserve(&file, len)?;
             if in_memory(&file) {
-                touch(&file, len, width)?;
+                // Through a mapping, kept for the write into this file; with `pwrite`
+                // where the file cannot be mapped.
+                match MappedFile::touched(&file, len, width) {
+                    Some(touched) => mapped::keep(&file, touched?),
+                    None => touch(&file, len, width)?,
+                }
             }
             Ok(())
         });

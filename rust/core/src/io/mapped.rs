@@ -22,19 +22,43 @@
 //! of its pages already exists (the writer fallocated the whole length first, which is
 //! where a full tmpfs fails, with ENOSPC), and only for the writer's own temp files, which
 //! nothing else has a name for.
+//!
+//! Making a mapping (populating it, unmapping it) costs more than the copy into it
+//! (README, "Training while a checkpoint is written"). So a file written again and again
+//! (a callback's checkpoint, which a later save writes into once it has been replaced:
+//! `keep_replaced`) keeps its mapping between writes ([`keep`], [`take`]), from the
+//! reservation that touched its pages or the write that populated them all. A kept
+//! mapping is written through in the background too: a copy that faults nothing takes no
+//! lock of the process's memory map, and costs a third of a `pwrite`'s CPU. A kept mapping
+//! holds its file's memory even once the file is removed, so the kept mappings of removed
+//! files are let go at the next [`take`] or [`keep`], and every one by
+//! [`release_mappings`] (a callback, when training ends or a save's error ends it). They
+//! are not inherited by a forked child (`MADV_DONTFORK`).
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
+use std::sync::Mutex;
+
+use super::parallel::{plan_pieces, run_pieces_with, Width};
 
 const PAGE: usize = 4096;
 /// From linux/mman.h (Linux 5.14).
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
-/// A shared, writable mapping of `[0, len)` of a file whose pages all exist.
+/// A shared, writable mapping of a file whose pages all exist in `[0, len)`.
 pub(crate) struct MappedFile {
     ptr: *mut u8,
+    /// Bytes mapped: `len` and room beyond it, so that a kept mapping still covers its
+    /// file when a later write makes the file a little longer (a reserved file holds the
+    /// payloads' bytes, the file written into it the metadata too). Past the file's end a
+    /// store raises SIGBUS: only `[0, len)` is ever stored to.
+    span: usize,
+    /// Bytes that may be stored to: the file holds allocated pages for all of them.
     len: usize,
+    /// `[0, populated)` is faulted in already (a kept mapping): a write there only copies.
+    populated: usize,
 }
 
 // SAFETY: the mapping is plain shared memory; `write_all_at` writes through raw pointers
@@ -42,26 +66,31 @@ pub(crate) struct MappedFile {
 unsafe impl Send for MappedFile {}
 unsafe impl Sync for MappedFile {}
 
+/// Whether `file` has allocated pages for all of `[0, len)`: no hole a store could need
+/// room for, and nothing past the end.
+fn allocated(file: &File, len: u64) -> bool {
+    file.metadata().is_ok_and(|meta| {
+        meta.len() >= len && meta.blocks().saturating_mul(512) >= len.next_multiple_of(4096)
+    })
+}
+
 impl MappedFile {
     /// Maps `file` (open for reading and writing, as a shared mapping needs) for writing
     /// if it lives in memory, is at least `len` bytes long and has every page of them
     /// allocated; None otherwise (the caller writes with `pwrite`).
     pub fn open(file: &File, len: u64) -> Option<MappedFile> {
-        if len == 0 || !super::commit::in_memory(file) {
-            return None;
-        }
-        let meta = file.metadata().ok()?;
-        use std::os::unix::fs::MetadataExt;
-        // Every page allocated (no hole a store could need room for), and none past the end.
-        if meta.len() < len || meta.blocks().saturating_mul(512) < len.next_multiple_of(4096) {
+        if len == 0 || !super::commit::in_memory(file) || !allocated(file, len) {
             return None;
         }
         let len = usize::try_from(len).ok()?;
+        let span = len
+            .checked_add((len / 8).max(1 << 20))?
+            .next_multiple_of(PAGE);
         // SAFETY: a new shared mapping of an open descriptor; checked below, unmapped on drop.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                span,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -73,18 +102,55 @@ impl MappedFile {
         }
         Some(MappedFile {
             ptr: ptr.cast(),
+            span,
             len,
+            populated: 0,
         })
     }
 
-    /// Copies `bytes` to `offset` of the file, faulting its pages in first.
-    pub fn write_all_at(&self, bytes: &[u8], offset: u64) -> io::Result<()> {
+    /// Maps `file` as [`MappedFile::open`] does and faults every page in by touching it
+    /// (changing nothing), a piece at a time on `width`'s threads: a fault takes only the
+    /// lock of this mapping, never the process's memory map, so this may run while
+    /// training does. None where `open` gives none.
+    pub fn touched(file: &File, len: u64, width: &Width) -> Option<io::Result<MappedFile>> {
+        let mut map = MappedFile::open(file, len)?;
+        let pieces = plan_pieces(&[(0, map.len)], false);
+        let shared = &map;
+        let touched = run_pieces_with(&pieces, width, |piece| {
+            super::fault::delay();
+            let end = shared.range_end(piece.offset, piece.span as usize)?;
+            // SAFETY: `[end - span, end)` lies inside `[0, len)` (checked), stored to only
+            // while the mapping lives.
+            unsafe {
+                crate::host::prefault(
+                    shared.ptr.add(end - piece.span as usize),
+                    piece.span as usize,
+                )
+            };
+            Ok(())
+        });
+        map.populated = map.len;
+        Some(touched.map(|()| map))
+    }
+
+    /// Whether `[offset, offset + len)` may be stored to.
+    pub fn covers(&self, offset: u64, len: usize) -> bool {
+        self.range_end(offset, len).is_ok()
+    }
+
+    /// Copies `bytes` to `offset` of the file. With `populate`, the pages not yet faulted
+    /// in are populated first (holding the process's memory-map lock: only for a write
+    /// somebody waits for); without, the copy faults them in itself.
+    pub fn write_all_at(&self, bytes: &[u8], offset: u64, populate: bool) -> io::Result<()> {
         let end = self.range_end(offset, bytes.len())?;
         // Best effort: where the kernel has no MADV_POPULATE_WRITE (before 5.14) the copy
         // faults the pages itself.
-        let _ = self.populate(offset, bytes.len());
-        // SAFETY: `[end - len, end)` lies inside the mapping (checked above), which lives as
-        // long as `self`; `bytes` cannot overlap it (a caller's buffer, not this mapping).
+        if populate && end > self.populated {
+            let from = (end - bytes.len()).max(self.populated);
+            let _ = self.populate(from as u64, end - from);
+        }
+        // SAFETY: `[end - len, end)` lies inside `[0, len)` (checked above), stored to only
+        // while the mapping lives; `bytes` cannot overlap it (a caller's buffer).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
@@ -127,8 +193,102 @@ impl MappedFile {
 impl Drop for MappedFile {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `open`, no longer referenced.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { libc::munmap(self.ptr.cast(), self.span) };
     }
+}
+
+/// A mapping kept between writes of its file (see the module's notes).
+struct Kept {
+    /// The process that made it: a forked child has the entry but not the mapping.
+    pid: u32,
+    /// The file (its device and inode), open: its link count says when it is removed.
+    id: (u64, u64),
+    file: File,
+    map: MappedFile,
+}
+
+static KEPT: Mutex<Vec<Kept>> = Mutex::new(Vec::new());
+
+fn identity(file: &File) -> Option<(u64, u64)> {
+    file.metadata().ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Lets go of kept mappings of files that no longer have a name, and forgets (without
+/// unmapping: they are not mapped here) those a parent process made.
+fn sweep(kept: &mut Vec<Kept>) {
+    let pid = std::process::id();
+    let mut i = 0;
+    while i < kept.len() {
+        if kept[i].pid != pid {
+            std::mem::forget(kept.swap_remove(i));
+        } else if kept[i].file.metadata().map_or(true, |m| m.nlink() == 0) {
+            drop(kept.swap_remove(i));
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Keeps `map`, a mapping of `file` with every page it may store to faulted in (a write
+/// through it of every payload, or [`MappedFile::touched`]), for the next write of the
+/// same file ([`take`]).
+pub(crate) fn keep(file: &File, mut map: MappedFile) {
+    let (Some(id), Ok(meta), Ok(file)) = (identity(file), file.metadata(), file.try_clone()) else {
+        return;
+    };
+    // What may be stored to: no more than the file now holds (a reused file is cut to the
+    // length of its new content).
+    map.len = map
+        .len
+        .min(usize::try_from(meta.len()).unwrap_or(usize::MAX));
+    if map.len == 0 || !allocated(&file, map.len as u64) {
+        return;
+    }
+    map.populated = map.len;
+    // SAFETY: advice on exactly this mapping. Best effort: a child that inherits it holds
+    // the file's memory until it exits or execs, nothing worse.
+    unsafe { libc::madvise(map.ptr.cast(), map.span, libc::MADV_DONTFORK) };
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut kept);
+    kept.retain(|k| k.id != id); // (an older mapping of the same file: let go)
+    kept.push(Kept {
+        pid: std::process::id(),
+        id,
+        file,
+        map,
+    });
+}
+
+/// The kept mapping of `file`, if there is one, able to store to as much of the file as it
+/// spans and the file holds pages for (call once the file is sized for the write).
+pub(crate) fn take(file: &File) -> Option<MappedFile> {
+    let id = identity(file)?;
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut kept);
+    let at = kept.iter().position(|k| k.id == id)?;
+    let mut map = kept.swap_remove(at).map;
+    drop(kept);
+    let held = usize::try_from(file.metadata().ok()?.len()).ok()?;
+    map.len = held.min(map.span);
+    map.populated = map.populated.min(map.len);
+    // Cut or punched since (by someone else: our own files keep their pages): let it go.
+    allocated(file, map.len as u64).then_some(map)
+}
+
+/// Lets go of every kept mapping of this process; returns how many there were.
+pub fn release_mappings() -> usize {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut kept);
+    let n = kept.len();
+    kept.clear();
+    n
+}
+
+/// How many mappings this process keeps (for tests).
+pub fn kept_mappings() -> usize {
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut kept);
+    kept.len()
 }
 
 #[cfg(test)]
@@ -163,9 +323,9 @@ mod tests {
         let len = 3 * 4096 + 100;
         allocated(&file, len);
         let map = MappedFile::open(&file, len).expect("a tmpfs file with every page allocated");
-        map.write_all_at(b"hello", 4094).unwrap();
-        map.write_all_at(&[7u8; 100], len - 100).unwrap();
-        assert!(map.write_all_at(b"x", len).is_err(), "past the end");
+        map.write_all_at(b"hello", 4094, true).unwrap();
+        map.write_all_at(&[7u8; 100], len - 100, false).unwrap();
+        assert!(map.write_all_at(b"x", len, true).is_err(), "past the end");
         drop(map);
         let mut back = vec![0u8; len as usize];
         file.read_exact_at(&mut back, 0).unwrap();
@@ -194,5 +354,81 @@ mod tests {
         if !crate::io::commit::in_memory(&on_disk) {
             assert!(MappedFile::open(&on_disk, 1 << 20).is_none());
         }
+    }
+
+    fn in_memory_file(dir: &tempfile::TempDir, name: &str, len: u64) -> File {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join(name))
+            .unwrap();
+        allocated(&file, len);
+        file
+    }
+
+    fn is_kept(file: &File) -> bool {
+        let id = identity(file).unwrap();
+        let mut kept = KEPT.lock().unwrap();
+        sweep(&mut kept);
+        kept.iter().any(|k| k.id == id)
+    }
+
+    #[test]
+    fn a_kept_mapping_is_taken_once_by_the_next_write_of_its_file() {
+        let dir = memory_folder();
+        let len = 64 * 4096;
+        let file = in_memory_file(&dir, "kept", len);
+        let map = MappedFile::touched(&file, len, &Width::fixed(2))
+            .expect("a tmpfs file with every page allocated")
+            .unwrap();
+        assert_eq!(map.populated, len as usize, "every page touched");
+        keep(&file, map);
+        assert!(is_kept(&file));
+        let map = take(&file).expect("the kept mapping");
+        assert!(!is_kept(&file), "taken, not shared");
+        assert!(take(&file).is_none());
+        map.write_all_at(&[9u8; 10], 4090, false).unwrap();
+        drop(map);
+        let mut back = [0u8; 10];
+        file.read_exact_at(&mut back, 4090).unwrap();
+        assert_eq!(back, [9u8; 10]);
+        // The touch changed nothing: the rest still reads as zeros.
+        let mut rest = vec![1u8; len as usize];
+        file.read_exact_at(&mut rest, 0).unwrap();
+        assert!(rest[..4090].iter().chain(&rest[4100..]).all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_kept_mapping_stores_only_to_what_its_file_holds() {
+        let dir = memory_folder();
+        let len = 16 * 4096;
+        let file = in_memory_file(&dir, "cut", len);
+        keep(&file, MappedFile::open(&file, len).unwrap());
+        // Cut by someone else: a store past the new end would raise SIGBUS.
+        file.set_len(4 * 4096).unwrap();
+        let map = take(&file).expect("still a mapping of the file");
+        assert!(map.covers(0, 4 * 4096));
+        assert!(!map.covers(4 * 4096, 1), "past the file's end");
+        drop(map);
+        // Longer again (a later write sized the file): the room mapped beyond serves.
+        allocated(&file, len + 4096);
+        keep(&file, MappedFile::open(&file, len).unwrap());
+        let map = take(&file).unwrap();
+        assert!(
+            map.covers(0, len as usize + 4096),
+            "the span covers the longer file"
+        );
+    }
+
+    #[test]
+    fn the_kept_mapping_of_a_removed_file_is_let_go() {
+        let dir = memory_folder();
+        let file = in_memory_file(&dir, "gone", 4 * 4096);
+        keep(&file, MappedFile::open(&file, 4 * 4096).unwrap());
+        let id = identity(&file).unwrap();
+        std::fs::remove_file(dir.path().join("gone")).unwrap();
+        let _ = kept_mappings(); // sweeps
+        assert!(!KEPT.lock().unwrap().iter().any(|k| k.id == id));
     }
 }
