@@ -34,7 +34,7 @@ FIT = textwrap.dedent(
     import fastckpt
     from fastckpt import _fastckpt
 
-    target, oracle, report = sys.argv[1:4]
+    target, oracle, report, existing = sys.argv[1:5]
 
     # The inodes of the files in `folder` this process maps, and of those the folder has
     # (a mapping shows the name it was made under, so a file renamed since shows as
@@ -64,6 +64,8 @@ FIT = textwrap.dedent(
             ckpt.wait_until_finished()
             seen.append(mapped_here(os.path.dirname(target)))
 
+    if existing == "existing":
+        model.save_weights(target)  # a checkpoint there before training
     ckpt = fastckpt.ModelCheckpoint(target, save_weights_only=True, save_on_background=True)
     x = np.random.default_rng(0).random((64, 256), dtype=np.float32)
     y = np.random.default_rng(1).random((64, 1024), dtype=np.float32)
@@ -79,17 +81,23 @@ FIT = textwrap.dedent(
 )
 
 
-def test_a_checkpoint_written_again_and_again_keeps_its_mapping(memory_folder, tmp_path):
+@pytest.mark.parametrize("existing", ["new", "existing"])
+def test_a_checkpoint_written_again_and_again_keeps_its_mapping(memory_folder, tmp_path, existing):
     """Four background saves of a fixed name on tmpfs: two files are reserved (a new
     file's first two saves), each mapped once, by its reservation; each is then written
-    twice through that mapping, with only the metadata `pwrite`n. During training only
-    the checkpoint and its spare are mapped (no removed file), nothing once training has
-    ended, and the checkpoint holds Keras's own weights."""
+    twice through that mapping, with only the metadata `pwrite`n. Where a checkpoint was
+    there before training, one file is reserved, and the checkpoint the first save
+    replaced is mapped once it is kept, for the second and the fourth saves. During
+    training only the checkpoint and its spare are mapped (no removed file), nothing once
+    training has ended, and the checkpoint holds Keras's own weights."""
     target = str(memory_folder / "c.weights.h5")
     oracle = str(tmp_path / "keras.weights.h5")
     report = tmp_path / "report.json"
     calls = run_traced(
-        FIT, [target, oracle, str(report)], tmp_path / "strace.log", "openat,close,pwrite64,mmap"
+        FIT,
+        [target, oracle, str(report), existing],
+        tmp_path / "strace.log",
+        "openat,close,pwrite64,mmap",
     )
     temp_re = temp_name_re(target)
     opened = [c for c in calls if c.name == "openat" and temp_re.search(c.args) and c.ret[0] != "-"]

@@ -401,6 +401,13 @@ def reserve_spare(target: _Path, length: int, *, after: Sequence[Job] = ...) -> 
     once every job in `after` has ended; returns the file's path (known at once: a write
     may be queued behind the job to reuse it) and the job."""
 
+def map_kept(path: _Path, length: int) -> Job | None:
+    """For a file a write kept for the next one, which will write about `length` bytes
+    into it: when it lives in memory and its mapping is not kept (it was there before
+    training began), sizes it, maps it and touches its pages on a low-priority thread, for
+    the next write into it; returns the job (which never fails), or None when there is
+    nothing to do."""
+
 def release_mappings() -> int:
     """Lets go of the mappings this process keeps of files written again and again (on
     tmpfs, with `keep_replaced`): they hold the files' memory, even once the files are

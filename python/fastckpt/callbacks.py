@@ -888,8 +888,17 @@ def in_background(asked: bool | None, model: keras.Model) -> bool:
 
 
 def _kept(job: api.SaveJob) -> _Spare | None:
-    """The file a finished save replaced and kept, as a spare."""
-    return None if job.kept is None else _Spare(job.kept)
+    """The file a finished save replaced and kept, as a spare: in memory, mapped for the
+    next write into it first, on a low-priority thread, if it was never written through a
+    kept mapping (a checkpoint there before training began; `_fastckpt.map_kept`), with
+    room for a file the size of the one just written."""
+    if job.kept is None:
+        return None
+    try:
+        length = os.path.getsize(job.path)
+    except OSError:  # (gone already: nothing to size it by)
+        length = 0
+    return _Spare(job.kept, _fastckpt.map_kept(job.kept, length))
 
 
 def _remove_spare(spare: _Spare) -> None:

@@ -94,6 +94,7 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::prefault, m)?)?;
     m.add_function(wrap_pyfunction!(memory::reserve_spare, m)?)?;
     m.add_function(wrap_pyfunction!(memory::release_mappings, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::map_kept, m)?)?;
     m.add_function(wrap_pyfunction!(memory::kept_mappings, m)?)?;
     m.add_function(wrap_pyfunction!(device::copy_from_dlpack, m)?)?;
     m.add_function(wrap_pyfunction!(device::cuda_available, m)?)?;

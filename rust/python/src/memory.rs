@@ -104,6 +104,38 @@ pub fn reserve_spare(
     (temp, job)
 }
 
+/// For `path`, a file a write kept for the next one (`keep_replaced`), which will write
+/// about `length` bytes into it: when it lives in memory and its mapping is not kept (it
+/// was there before training began), sizes it, maps it and touches its pages on a low-priority thread (every core once a write queued behind it
+/// is waited for), for the next write into it to copy into; returns the job (which
+/// never fails: without a mapping the write goes as before), or None when there is
+/// nothing to do.
+#[pyfunction]
+pub fn map_kept(py: Python<'_>, path: PathBuf, length: u64) -> Option<PyJob> {
+    if !io::needs_mapping(&path) {
+        return None;
+    }
+    let width = Width {
+        threads: 1,
+        hurried_threads: io::default_threads(),
+        effort: Effort::default(),
+    };
+    let effort = width.effort.clone();
+    let work = move || {
+        // A mapping only spares the next write some work: without one it writes as
+        // before, so a failure here is no failure of the file.
+        let _ = io::map_kept(&path, length, &width);
+        Ok(Output::new(Vec::new(), 0))
+    };
+    Some(PyJob::start_named(
+        "fastckpt-prefault",
+        py,
+        work,
+        When::Background { after: Vec::new() },
+        effort,
+    ))
+}
+
 /// Lets go of the mappings this process keeps of files written again and again (a
 /// callback's checkpoint and its spare, on tmpfs: `keep_replaced`), which hold the files'
 /// memory until then even once the files are removed; returns how many there were.

@@ -458,7 +458,7 @@ fn touch(file: &File, len: u64, width: &Width) -> io::Result<()> {
 
 /// Sizes the file up front: a full disk or a file-size limit fails here, before any payload
 /// is written, and the end-of-file that formats record is the real one.
-fn reserve(file: &File, len: u64) -> io::Result<()> {
+pub(crate) fn reserve(file: &File, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }

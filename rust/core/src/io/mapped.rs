@@ -27,18 +27,20 @@
 //! (README, "Training while a checkpoint is written"). So a file written again and again
 //! (a callback's checkpoint, which a later save writes into once it has been replaced:
 //! `keep_replaced`) keeps its mapping between writes ([`keep`], [`take`]), from the
-//! reservation that touched its pages or the write that populated them all. A kept
-//! mapping is written through in the background too: a copy that faults nothing takes no
-//! lock of the process's memory map, and costs a third of a `pwrite`'s CPU. A kept mapping
-//! holds its file's memory even once the file is removed, so the kept mappings of removed
-//! files are let go at the next [`take`] or [`keep`], and every one by
-//! [`release_mappings`] (a callback, when training ends or a save's error ends it). They
-//! are not inherited by a forked child (`MADV_DONTFORK`).
+//! reservation that touched its pages, the write that populated them all, or [`map_kept`]
+//! (a checkpoint there before training, once the first save has replaced and kept it).
+//! A kept mapping is written through in the background too: a copy that faults nothing
+//! takes no lock of the process's memory map, and costs a third of a `pwrite`'s CPU. A
+//! kept mapping holds its file's memory even once the file is removed, so the kept
+//! mappings of removed files are let go at the next [`take`] or [`keep`], and every one
+//! by [`release_mappings`] (a callback, when training ends or a save's error ends it).
+//! They are not inherited by a forked child (`MADV_DONTFORK`).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
 use std::sync::Mutex;
 
 use super::parallel::{plan_pieces, run_pieces_with, Width};
@@ -273,6 +275,39 @@ pub(crate) fn take(file: &File) -> Option<MappedFile> {
     map.populated = map.populated.min(map.len);
     // Cut or punched since (by someone else: our own files keep their pages): let it go.
     allocated(file, map.len as u64).then_some(map)
+}
+
+/// Whether `path` is a file in memory whose mapping is not kept: a file a write keeps
+/// for the next one (`keep_replaced`) that was never written through a kept mapping (a
+/// checkpoint there before training began), which [`map_kept`] maps.
+pub fn needs_mapping(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let Some(id) = identity(&file) else {
+        return false;
+    };
+    if !super::commit::in_memory(&file) {
+        return false;
+    }
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    sweep(&mut kept);
+    !kept.iter().any(|k| k.id == id)
+}
+
+/// Maps `path`, a file in memory that the next write will fill with about `len` bytes,
+/// first allocating room for them (an older checkpoint may be shorter: one written
+/// before the optimizer was built), touches its pages (changing nothing) on `width`'s
+/// threads and keeps the mapping for that write; does nothing where the file cannot be
+/// mapped.
+pub fn map_kept(path: &Path, len: u64, width: &Width) -> io::Result<()> {
+    let file = File::options().read(true).write(true).open(path)?;
+    let len = len.max(file.metadata()?.len());
+    super::commit::reserve(&file, len)?;
+    if let Some(touched) = MappedFile::touched(&file, len, width) {
+        keep(&file, touched?);
+    }
+    Ok(())
 }
 
 /// Lets go of every kept mapping of this process; returns how many there were.
