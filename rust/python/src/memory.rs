@@ -82,58 +82,52 @@ pub fn reserve_spare(
 ) -> (PathBuf, PyJob) {
     let temp = io::temp_path_for(&target);
     let spare = temp.clone();
-    // One thread, and every core once a write queued behind it is waited for.
-    let width = Width {
-        threads: 1,
-        hurried_threads: io::default_threads(),
-        effort: Effort::default(),
-    };
-    let effort = width.effort.clone();
-    let work = move || {
-        io::reserve_spare_at(&spare, &target, length, &width)?;
+    let job = start_touching(py, after, move |width| {
+        io::reserve_spare_at(&spare, &target, length, width)?;
         Ok(Output::new(vec![spare], length))
-    };
-    let after = after.iter().map(|j| &**j).collect();
-    let job = PyJob::start_named(
-        "fastckpt-prefault",
-        py,
-        work,
-        When::Background { after },
-        effort,
-    );
+    });
     (temp, job)
 }
 
 /// For `path`, a file a write kept for the next one (`keep_replaced`), which will write
 /// about `length` bytes into it: when it lives in memory and its mapping is not kept (it
-/// was there before training began), sizes it, maps it and touches its pages on a low-priority thread (every core once a write queued behind it
-/// is waited for), for the next write into it to copy into; returns the job (which
-/// never fails: without a mapping the write goes as before), or None when there is
-/// nothing to do.
+/// was there before training began), sizes it, maps it and touches its pages on a
+/// low-priority thread (every core once a write queued behind it is waited for), for the
+/// next write into it to copy into; returns the job (which never fails: without a mapping
+/// the write goes as before), or None when there is nothing to do.
 #[pyfunction]
 pub fn map_kept(py: Python<'_>, path: PathBuf, length: u64) -> Option<PyJob> {
     if !io::needs_mapping(&path) {
         return None;
     }
+    Some(start_touching(py, Vec::new(), move |width| {
+        // A mapping only spares the next write some work: without one it writes as
+        // before, so a failure here is no failure of the file.
+        let _ = io::map_kept(&path, length, width);
+        Ok(Output::new(Vec::new(), 0))
+    }))
+}
+
+/// Starts `work` (touching a file's memory) as a job once every job in `after` has ended:
+/// on one low-priority thread, and every core once a write queued behind it is waited for.
+fn start_touching<F>(py: Python<'_>, after: Vec<PyRef<'_, PyJob>>, work: F) -> PyJob
+where
+    F: FnOnce(&Width) -> fastckpt_core::Result<Output> + Send + 'static,
+{
     let width = Width {
         threads: 1,
         hurried_threads: io::default_threads(),
         effort: Effort::default(),
     };
     let effort = width.effort.clone();
-    let work = move || {
-        // A mapping only spares the next write some work: without one it writes as
-        // before, so a failure here is no failure of the file.
-        let _ = io::map_kept(&path, length, &width);
-        Ok(Output::new(Vec::new(), 0))
-    };
-    Some(PyJob::start_named(
+    let after = after.iter().map(|j| &**j).collect();
+    PyJob::start_named(
         "fastckpt-prefault",
         py,
-        work,
-        When::Background { after: Vec::new() },
+        move || work(&width),
+        When::Background { after },
         effort,
-    ))
+    )
 }
 
 /// Lets go of the mappings this process keeps of files written again and again (a
