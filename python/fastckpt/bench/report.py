@@ -359,8 +359,9 @@ def slowdown_section(idx: Index) -> list[str]:
         "## Training step time while a background write runs",
         "",
         f"{recs[0]['case']}: `train_on_batch` steps timed one by one, in windows with no "
-        "write and while a `fastckpt.save(..., background=True)` runs "
-        f"({recs[0]['threads']} writer threads).",
+        "write and while a background save runs: into the file the save before it replaced "
+        "and kept, as `ModelCheckpoint` writes (on tmpfs through the mapping kept of it), "
+        "or a new file each time (`fastckpt.save(..., background=True)`).",
         "",
     ]
     rows = []

@@ -363,7 +363,10 @@ def memory_checks(idx: Index, target: str) -> list[dict]:
 
 
 def slowdown_checks(idx: Index, target: str) -> list[dict]:
-    rec = idx.find("slowdown", target, None, lambda r: True)
+    # What `ModelCheckpoint` does (each save into the kept file), where it was measured.
+    rec = idx.find("slowdown", target, None, lambda r: bool(r.get("cycle"))) or idx.find(
+        "slowdown", target, None, lambda r: True
+    )
     if rec is None:
         return []
     quiet, during = median(rec, "step_quiet"), median(rec, "step_during_write")

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 import fastckpt
-from fastckpt import _fastckpt
+from fastckpt import _fastckpt, api, callbacks
 from fastckpt.bench import floors
 from fastckpt.bench.contenders import CallbackContender, TimedCallback, callback_contenders
 from fastckpt.bench.context import Context, remove
@@ -139,13 +139,16 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
     for target in ctx.targets:
         default = _fastckpt.DEFAULT_BACKGROUND_THREADS
         other = _fastckpt.DEFAULT_THREADS if _fastckpt.DEFAULT_THREADS != default else 1
-        variants = [(default, True), (other, True)]
+        # (threads, direct I/O, cycle): first as `ModelCheckpoint` writes, each save into
+        # the file the one before it replaced and kept (on tmpfs through the mapping kept
+        # of it); then new files.
+        variants = [(default, True, True), (default, True, False), (other, True, False)]
         if filesystem(ctx.targets[target])["fstype"] != "tmpfs":
-            variants.append((default, False))
-        for threads, direct in variants:
+            variants.append((default, False, False))
+        for threads, direct, cycle in variants:
             with _direct_io(direct):
                 stats = _slowdown_rounds(
-                    ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads
+                    ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads, cycle
                 )
             n = stats["step_during_write"].runs if "step_during_write" in stats else []
             how = f"{threads} writer thread(s)" + ("" if direct else ", buffered")
@@ -158,6 +161,7 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
                 label += ", the default"
             if not direct:
                 label += ", buffered: FASTCKPT_DIRECT_IO=0"
+            label += ", into the kept file, as ModelCheckpoint" if cycle else ", a new file"
             ctx.add(
                 "slowdown",
                 target,
@@ -168,6 +172,7 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
                 state_bytes=nbytes,
                 threads=threads,
                 direct_io=direct,
+                cycle=cycle,
             )
         ctx.clear(target)
 
@@ -187,13 +192,26 @@ def _direct_io(on: bool):
             os.environ["FASTCKPT_DIRECT_IO"] = before
 
 
-def _slowdown_rounds(ctx: Context, setup: TrainingSetup, path: str, threads: int) -> dict:
+def _slowdown_rounds(
+    ctx: Context, setup: TrainingSetup, path: str, threads: int, cycle: bool
+) -> dict:
+    """With `cycle`, each save writes into the file the save before it replaced, as
+    `ModelCheckpoint` does (`callbacks._kept`), after two saves not counted that make
+    the first files; without, every save writes a new file."""
     quiet: list[float] = []
     during: list[float] = []
     blocked: list[float] = []
     write: list[float] = []
     i = 0
     window = 4
+    spare = None
+    if cycle:
+        for _ in range(2):
+            job = api.start_save(
+                setup.model, path, background=True, threads=threads, keep_replaced=True
+            )
+            job.result()
+            spare = callbacks._kept(job) or spare
     for _ in range(ctx.settings.slowdown_saves):
         gc.collect()
         for _ in range(window):
@@ -202,7 +220,19 @@ def _slowdown_rounds(ctx: Context, setup: TrainingSetup, path: str, threads: int
             quiet.append(time.perf_counter() - t)
             i += 1
         start = time.perf_counter()
-        job = fastckpt.save(setup.model, path, background=True, threads=threads)
+        if cycle:
+            after = [] if spare is None or spare.reserving is None else [spare.reserving]
+            job = api.start_save(
+                setup.model,
+                path,
+                background=True,
+                threads=threads,
+                reuse=None if spare is None else spare.path,
+                queue_after=after,
+                keep_replaced=True,
+            )
+        else:
+            job = fastckpt.save(setup.model, path, background=True, threads=threads)
         blocked.append(time.perf_counter() - start)
         steps = 0
         while not job.done():
@@ -213,8 +243,17 @@ def _slowdown_rounds(ctx: Context, setup: TrainingSetup, path: str, threads: int
             steps += 1
         job.result()
         write.append(time.perf_counter() - start)
-        remove(path)
+        if cycle:
+            spare = callbacks._kept(job)
+        else:
+            remove(path)
         window = max(4, steps)
+    if cycle:  # the kept file, and the mappings kept of it and of the checkpoint
+        if spare is not None:
+            if spare.reserving is not None:
+                spare.reserving.wait()
+            remove(spare.path)
+        _fastckpt.release_mappings()
     stats = {"step_quiet": Stats(quiet), "blocked": Stats(blocked), "write": Stats(write)}
     if during:
         stats["step_during_write"] = Stats(during)
