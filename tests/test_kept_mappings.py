@@ -170,6 +170,20 @@ def test_release_lets_go_of_every_kept_mapping(memory_folder):
     assert all(_mapped(path) == [] for path, _ in spares)
 
 
+def test_release_lets_go_of_the_mappings_of_the_files_named(memory_folder):
+    """What a callback does when training ends: the mappings of its own checkpoints go,
+    not those another `fit` has begun to keep."""
+    (a, job_a), (b, job_b) = (
+        _fastckpt.reserve_spare(memory_folder / f"{k}.weights.h5", 1 << 20) for k in "ab"
+    )
+    job_a.result()
+    job_b.result()
+    assert _fastckpt.release_mappings([a]) >= 1
+    assert _mapped(a) == [] and _mapped(b)
+    _fastckpt.release_mappings([b])
+    assert _mapped(b) == []
+
+
 def test_a_forked_child_inherits_no_kept_mapping(memory_folder):
     """A kept mapping would hold its file's memory for as long as a child lives."""
     spare, job = _fastckpt.reserve_spare(memory_folder / "f.weights.h5", 4 << 20)

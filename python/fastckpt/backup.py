@@ -442,7 +442,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         except BaseException:
             if self._job_reuse is not None:
                 _callbacks._remove_spare(self._job_reuse)
-            # The error ends `fit`, and Keras calls no `on_train_end` then.
+            # The error ends `fit`, and Keras calls no `on_train_end` then: every kept
+            # mapping goes (the spare stays behind, as a temp file).
             _fastckpt.release_mappings()
             raise
         finally:
@@ -454,7 +455,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _drop_kept(self) -> None:
         kept = [] if self._kept is None else [self._kept]
-        _callbacks._drop_when_done(kept, training_ended=True)
+        _callbacks._drop_when_done(kept, release=[self._weights_path])
         self._kept = None
 
     # Preemption -----------------------------------------------------------------------

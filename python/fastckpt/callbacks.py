@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -381,6 +381,9 @@ class ModelCheckpoint(MonitorCallbackBase):
         _readying_thread()
         # Whether the second save of a new file still needs a file reserved (`_prepare`).
         self._second_spare = False
+        # The files this `fit` saved to, whose mappings the writer may keep (on tmpfs) until
+        # training ends (`_fastckpt.release_mappings`).
+        self._targets: set[str] = set()
         # Saves handed to the writer and not yet reported, oldest first.
         self._saves: list[_Save] = []
         # Files this callback wrote, oldest first: (main path, every path of that save).
@@ -507,7 +510,8 @@ class ModelCheckpoint(MonitorCallbackBase):
         takes time and nothing waits for it (a leftover is a temp file that the next save
         into its folder sweeps once this process is gone)."""
         spares, self._spares = [s for kept in self._spares.values() for s in kept], {}
-        _drop_when_done(spares, training_ended=True)
+        targets, self._targets = sorted(self._targets), set()
+        _drop_when_done(spares, release=targets)
 
     # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
 
@@ -620,6 +624,7 @@ class ModelCheckpoint(MonitorCallbackBase):
             print_msg(message)
         if not save:
             return
+        self._targets.add(filepath)
         queued_behind = self._saves[-1].handle if self._saves else None
         queue_after: list[api.SaveJob | _fastckpt.Job] = []
         if isinstance(queued_behind, api.SaveJob):
@@ -752,7 +757,8 @@ class ModelCheckpoint(MonitorCallbackBase):
                 # A save that failed before its write began leaves its kept file unused.
                 if pending.reuse is not None:
                     _remove_spare(pending.reuse)
-                # The error ends `fit`, and Keras calls no `on_train_end` then.
+                # The error ends `fit`, and Keras calls no `on_train_end` then: every kept
+                # mapping goes (this callback's spares stay behind, as temp files).
                 _fastckpt.release_mappings()
                 raise
             written_here = _processes.is_writer()
@@ -909,14 +915,14 @@ def _remove_spare(spare: _Spare) -> None:
         _remove_files([spare.path])
 
 
-def _drop_when_done(spares: list[_Spare], *, training_ended: bool = False) -> None:
+def _drop_when_done(spares: list[_Spare], *, release: Sequence[str] | None = None) -> None:
     """Removes kept files on a daemon thread. A reservation that has not begun is dropped
     (it makes no file); one that has is waited for (it fills the file until it ends). When
-    training has ended, then lets go of the mappings the writer keeps of files in memory
-    written again and again (`_fastckpt.release_mappings`): they hold the files' memory,
-    even once the files are removed."""
+    training has ended, then lets go of the mappings the writer keeps of the files in
+    `release` and of removed ones (`_fastckpt.release_mappings`): they hold the files'
+    memory, even once the files are removed."""
     spares = [s for s in spares if s.reserving is None or not s.reserving.cancel()]
-    if not spares and not training_ended:
+    if not spares and release is None:
         return
 
     def drop() -> None:
@@ -925,8 +931,8 @@ def _drop_when_done(spares: list[_Spare], *, training_ended: bool = False) -> No
             while spare.reserving is not None and not spare.reserving.done():
                 time.sleep(_WAIT_SLICE_S)
         _remove_files([spare.path for spare in spares])
-        if training_ended:
-            _fastckpt.release_mappings()
+        if release is not None:
+            _fastckpt.release_mappings(list(release))
 
     threading.Thread(target=drop, name="fastckpt-spares", daemon=True).start()
 

@@ -132,10 +132,12 @@ where
 
 /// Lets go of the mappings this process keeps of files written again and again (a
 /// callback's checkpoint and its spare, on tmpfs: `keep_replaced`), which hold the files'
-/// memory until then even once the files are removed; returns how many there were.
+/// memory until then even once the files are removed: those of the files `paths` name
+/// now (every one when None), and those of removed files; returns how many.
 #[pyfunction]
-pub fn release_mappings(py: Python<'_>) -> usize {
-    py.detach(io::release_mappings)
+#[pyo3(signature = (paths=None))]
+pub fn release_mappings(py: Python<'_>, paths: Option<Vec<PathBuf>>) -> usize {
+    py.detach(|| io::release_mappings(paths.as_deref()))
 }
 
 /// How many mappings of files written again and again this process keeps.

@@ -32,15 +32,16 @@
 //! A kept mapping is written through in the background too: a copy that faults nothing
 //! takes no lock of the process's memory map, and costs a third of a `pwrite`'s CPU. A
 //! kept mapping holds its file's memory even once the file is removed, so the kept
-//! mappings of removed files are let go at the next [`take`] or [`keep`], and every one
-//! by [`release_mappings`] (a callback, when training ends or a save's error ends it).
-//! They are not inherited by a forked child (`MADV_DONTFORK`).
+//! mappings of removed files are let go at the next [`take`] or [`keep`], others by
+//! [`release_mappings`] (a callback, when training ends or a save's error ends it), and
+//! only the newest few are kept. They are not inherited by a forked child
+//! (`MADV_DONTFORK`).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::parallel::{plan_pieces, run_pieces_with, Width};
@@ -259,7 +260,15 @@ pub(crate) fn keep(file: &File, mut map: MappedFile) {
         file,
         map,
     });
+    // A file written once under a new name (`{epoch}` names) is never written again: of
+    // the mappings kept, only the newest few can serve (a callback's checkpoint and its
+    // spare, a few callbacks at once).
+    let extra = kept.len().saturating_sub(MOST_KEPT);
+    kept.drain(..extra);
 }
+
+/// How many mappings are kept at most (the oldest let go first).
+const MOST_KEPT: usize = 8;
 
 /// The kept mapping of `file`, if there is one, able to store to as much of the file as it
 /// spans and the file holds pages for (call once the file is sized for the write).
@@ -310,13 +319,18 @@ pub fn map_kept(path: &Path, len: u64, width: &Width) -> io::Result<()> {
     Ok(())
 }
 
-/// Lets go of every kept mapping of this process; returns how many there were.
-pub fn release_mappings() -> usize {
+/// Lets go of the kept mappings of `paths` (the files they name now; every kept mapping
+/// of this process when None), and of removed files; returns how many it let go of.
+pub fn release_mappings(paths: Option<&[PathBuf]>) -> usize {
+    let ids: Option<Vec<(u64, u64)>> = paths.map(|paths| {
+        let named = paths.iter().filter_map(|p| std::fs::metadata(p).ok());
+        named.map(|m| (m.dev(), m.ino())).collect()
+    });
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let before = kept.len();
     sweep(&mut kept);
-    let n = kept.len();
-    kept.clear();
-    n
+    kept.retain(|k| ids.as_ref().is_some_and(|ids| !ids.contains(&k.id)));
+    before - kept.len()
 }
 
 /// How many mappings this process keeps (for tests).
@@ -465,5 +479,40 @@ mod tests {
         std::fs::remove_file(dir.path().join("gone")).unwrap();
         let _ = kept_mappings(); // sweeps
         assert!(!KEPT.lock().unwrap().iter().any(|k| k.id == id));
+    }
+
+    #[test]
+    fn release_lets_go_of_the_files_named() {
+        let dir = memory_folder();
+        let a = in_memory_file(&dir, "a", 4096);
+        let b = in_memory_file(&dir, "b", 4096);
+        keep(&a, MappedFile::open(&a, 4096).unwrap());
+        keep(&b, MappedFile::open(&b, 4096).unwrap());
+        assert!(release_mappings(Some(&[dir.path().join("a")])) >= 1);
+        assert!(!is_kept(&a));
+        assert!(is_kept(&b), "a file not named keeps its mapping");
+        release_mappings(Some(&[dir.path().join("b")]));
+        assert!(!is_kept(&b));
+    }
+
+    #[test]
+    fn only_the_newest_mappings_are_kept() {
+        let dir = memory_folder();
+        let files: Vec<File> = (0..MOST_KEPT + 2)
+            .map(|k| in_memory_file(&dir, &format!("f{k}"), 4096))
+            .collect();
+        for file in &files {
+            keep(file, MappedFile::open(file, 4096).unwrap());
+        }
+        assert!(
+            !is_kept(&files[0]) && !is_kept(&files[1]),
+            "the oldest let go"
+        );
+        assert!(files.iter().filter(|f| is_kept(f)).count() <= MOST_KEPT);
+        release_mappings(Some(
+            &(0..files.len())
+                .map(|k| dir.path().join(format!("f{k}")))
+                .collect::<Vec<_>>(),
+        ));
     }
 }
