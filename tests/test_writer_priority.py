@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import fastckpt
@@ -49,17 +50,21 @@ def _bytes_written_by_thread() -> dict[int, int]:
 def _writers_while_saving(
     tmp_path, background: bool, threads: int | None = 2, name: str = "ckpt.weights.h5", **kw
 ) -> dict[int, tuple[str, int, int]]:
-    """The threads a save started, seen while it runs (each payload write slowed down)."""
+    """The threads a save started, as first seen while it runs (each payload write slowed
+    down), before anyone waits for a background one."""
     model = state_model(1024)
     before = set(_threads())
     seen: dict[int, tuple[str, int, int]] = {}
     done = threading.Event()
+    waited = threading.Event()
 
     def watch() -> None:
         while not done.is_set():
             for tid, info in _threads().items():
                 if tid not in before and tid != watcher_tid[0]:
-                    seen[tid] = info
+                    # As last seen before anyone waited (a wait changes the priority).
+                    if not waited.is_set() or tid not in seen:
+                        seen[tid] = info
             done.wait(0.01)
 
     watcher_tid = [0]
@@ -70,6 +75,16 @@ def _writers_while_saving(
         watcher_tid[0] = watcher.native_id
         job = fastckpt.save(model, tmp_path / name, background=background, threads=threads, **kw)
         if background:
+            # Every writer seen before the wait (which changes their priority): the job's
+            # thread, at nice 19, may take a while to start them on a busy machine.
+            want = max(threads or 0, _fastckpt.DEFAULT_THREADS if threads is None else 0)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if sum(info[0] == "fastckpt-writer" for info in list(seen.values())) >= want:
+                    break
+                time.sleep(0.01)
+            done.wait(0.05)  # (a new thread lowers its own priority once it runs)
+            waited.set()
             job.result()
     finally:
         testing.inject_delay(0)
@@ -165,3 +180,65 @@ def test_background_saves_default_to_a_quarter_of_the_cores(tmp_path):
     sync = _writers_while_saving(tmp_path, background=False, threads=None)
     # The caller's own thread writes too.
     assert len(sync) == _fastckpt.DEFAULT_THREADS - 1, sync
+
+
+def _may_raise_priority() -> bool:
+    """Whether a thread of this process may lower its nice value again (CAP_SYS_NICE, or
+    a RLIMIT_NICE that allows it), tried on a thread of its own."""
+    result = []
+
+    def attempt() -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, os.getpid()))
+            result.append(os.getpriority(os.PRIO_PROCESS, 0) != 19)
+        except PermissionError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_a_background_save_waited_for_returns_to_the_callers_priority(tmp_path):
+    """Training waits then: a writer left at nice 19 would get almost nothing of a core
+    another process keeps busy. Where the process may raise a thread's priority again, the
+    writer threads of a waited save run at the caller's nice value; where it may not, they
+    stay at 19 (and only more of them help)."""
+    model = state_model(1024)
+    caller = os.getpriority(os.PRIO_PROCESS, 0)
+    before = set(_threads())
+    seen_before_wait: dict[int, int] = {}
+    seen_after_wait: dict[int, int] = {}
+    waiting = threading.Event()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for tid, (name, _, nice) in _threads().items():
+                if tid not in before and name == "fastckpt-writer":
+                    (seen_after_wait if waiting.is_set() else seen_before_wait)[tid] = nice
+            done.wait(0.005)
+
+    testing.inject_delay(150)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    before.add(watcher.native_id)
+    try:
+        job = fastckpt.save(model, tmp_path / "ckpt.weights.h5", background=True, threads=1)
+        deadline = time.monotonic() + 10  # (a job's thread at nice 19 may start late)
+        while not seen_before_wait and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.wait(0.1)
+        assert not job.done(), "the slowed save ended before the wait: nothing measured"
+        waiting.set()
+        job.result()
+    finally:
+        testing.inject_delay(0)
+        done.set()
+        watcher.join()
+    assert set(seen_before_wait.values()) == {19}, seen_before_wait
+    expected = caller if _may_raise_priority() else 19
+    assert seen_after_wait and expected in seen_after_wait.values(), seen_after_wait
+    assert os.getpriority(os.PRIO_PROCESS, 0) == caller

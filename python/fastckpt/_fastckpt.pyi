@@ -408,11 +408,11 @@ def map_kept(path: _Path, length: int) -> Job | None:
     the next write into it; returns the job (which never fails), or None when there is
     nothing to do."""
 
-def release_mappings(paths: Sequence[_Path] | None = None) -> int:
+def release_mappings(files: Sequence[tuple[int, int]] | None = None) -> int:
     """Lets go of the mappings this process keeps of files written again and again (on
     tmpfs, with `keep_replaced`), which hold the files' memory, even once the files are
-    removed: those of the files `paths` name now (every one when None), and those of
-    removed files. Returns how many."""
+    removed: those of the files `files` names as `(st_dev, st_ino)` pairs (every one when
+    None), and those of removed files. Returns how many."""
 
 def kept_mappings() -> int:
     """How many mappings of files written again and again this process keeps."""

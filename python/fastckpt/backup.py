@@ -455,7 +455,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _drop_kept(self) -> None:
         kept = [] if self._kept is None else [self._kept]
-        _callbacks._drop_when_done(kept, release=[self._weights_path])
+        _callbacks._drop_when_done(kept, release=_callbacks._identities([self._weights_path]))
         self._kept = None
 
     # Preemption -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -510,7 +510,7 @@ class ModelCheckpoint(MonitorCallbackBase):
         takes time and nothing waits for it (a leftover is a temp file that the next save
         into its folder sweeps once this process is gone)."""
         spares, self._spares = [s for kept in self._spares.values() for s in kept], {}
-        targets, self._targets = sorted(self._targets), set()
+        targets, self._targets = _identities(self._targets), set()
         _drop_when_done(spares, release=targets)
 
     # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
@@ -915,12 +915,27 @@ def _remove_spare(spare: _Spare) -> None:
         _remove_files([spare.path])
 
 
-def _drop_when_done(spares: list[_Spare], *, release: Sequence[str] | None = None) -> None:
+def _identities(paths: Iterable[str]) -> list[tuple[int, int]]:
+    """The files `paths` name now, as `(st_dev, st_ino)`: a name may be another file's by
+    the time a thread of ours acts on it (the next `fit`'s checkpoint)."""
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        out.append((st.st_dev, st.st_ino))
+    return out
+
+
+def _drop_when_done(
+    spares: list[_Spare], *, release: Sequence[tuple[int, int]] | None = None
+) -> None:
     """Removes kept files on a daemon thread. A reservation that has not begun is dropped
     (it makes no file); one that has is waited for (it fills the file until it ends). When
     training has ended, then lets go of the mappings the writer keeps of the files in
-    `release` and of removed ones (`_fastckpt.release_mappings`): they hold the files'
-    memory, even once the files are removed."""
+    `release` (`_identities`) and of removed ones (`_fastckpt.release_mappings`): they
+    hold the files' memory, even once the files are removed."""
     spares = [s for s in spares if s.reserving is None or not s.reserving.cancel()]
     if not spares and release is None:
         return

@@ -101,6 +101,7 @@ impl Job {
             effort,
         );
         let me = job.clone();
+        crate::io::note_caller_priority();
         let spawned = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {

@@ -132,12 +132,14 @@ where
 
 /// Lets go of the mappings this process keeps of files written again and again (a
 /// callback's checkpoint and its spare, on tmpfs: `keep_replaced`), which hold the files'
-/// memory until then even once the files are removed: those of the files `paths` name
-/// now (every one when None), and those of removed files; returns how many.
+/// memory until then even once the files are removed: those of the files `files` names,
+/// as `(st_dev, st_ino)` pairs taken when the caller decided (a name may be another file's
+/// by the time this runs; every one when None), and those of removed files; returns how
+/// many.
 #[pyfunction]
-#[pyo3(signature = (paths=None))]
-pub fn release_mappings(py: Python<'_>, paths: Option<Vec<PathBuf>>) -> usize {
-    py.detach(|| io::release_mappings(paths.as_deref()))
+#[pyo3(signature = (files=None))]
+pub fn release_mappings(py: Python<'_>, files: Option<Vec<(u64, u64)>>) -> usize {
+    py.detach(|| io::release_mappings(files.as_deref()))
 }
 
 /// How many mappings of files written again and again this process keeps.

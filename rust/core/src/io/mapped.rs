@@ -41,7 +41,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 
 use super::parallel::{plan_pieces, run_pieces_with, Width};
@@ -319,17 +319,13 @@ pub fn map_kept(path: &Path, len: u64, width: &Width) -> io::Result<()> {
     Ok(())
 }
 
-/// Lets go of the kept mappings of `paths` (the files they name now; every kept mapping
-/// of this process when None), and of removed files; returns how many it let go of.
-pub fn release_mappings(paths: Option<&[PathBuf]>) -> usize {
-    let ids: Option<Vec<(u64, u64)>> = paths.map(|paths| {
-        let named = paths.iter().filter_map(|p| std::fs::metadata(p).ok());
-        named.map(|m| (m.dev(), m.ino())).collect()
-    });
+/// Lets go of the kept mappings of the files `ids` names (device and inode numbers; every
+/// kept mapping of this process when None), and of removed files; returns how many.
+pub fn release_mappings(ids: Option<&[(u64, u64)]>) -> usize {
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
     let before = kept.len();
     sweep(&mut kept);
-    kept.retain(|k| ids.as_ref().is_some_and(|ids| !ids.contains(&k.id)));
+    kept.retain(|k| ids.is_some_and(|ids| !ids.contains(&k.id)));
     before - kept.len()
 }
 
@@ -488,10 +484,10 @@ mod tests {
         let b = in_memory_file(&dir, "b", 4096);
         keep(&a, MappedFile::open(&a, 4096).unwrap());
         keep(&b, MappedFile::open(&b, 4096).unwrap());
-        assert!(release_mappings(Some(&[dir.path().join("a")])) >= 1);
+        assert!(release_mappings(Some(&[identity(&a).unwrap()])) >= 1);
         assert!(!is_kept(&a));
         assert!(is_kept(&b), "a file not named keeps its mapping");
-        release_mappings(Some(&[dir.path().join("b")]));
+        release_mappings(Some(&[identity(&b).unwrap()]));
         assert!(!is_kept(&b));
     }
 
@@ -509,10 +505,7 @@ mod tests {
             "the oldest let go"
         );
         assert!(files.iter().filter(|f| is_kept(f)).count() <= MOST_KEPT);
-        release_mappings(Some(
-            &(0..files.len())
-                .map(|k| dir.path().join(format!("f{k}")))
-                .collect::<Vec<_>>(),
-        ));
+        let ids: Vec<(u64, u64)> = files.iter().filter_map(identity).collect();
+        release_mappings(Some(&ids));
     }
 }

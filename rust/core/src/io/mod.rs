@@ -16,9 +16,9 @@ pub use commit::{
     WriteOptions, Written,
 };
 pub use mapped::{kept_mappings, map_kept, needs_mapping, release_mappings};
-pub(crate) use parallel::background_priority;
 pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
+pub(crate) use parallel::{background_priority, note_caller_priority};
 pub(crate) use parallel::{run_pieces_with, Extent, Piece};
 pub use parallel::{Effort, Width};
 pub use read::{crc32_of_range, digests_of_ranges, read_into, ReadItem};

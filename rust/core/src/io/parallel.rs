@@ -6,7 +6,7 @@
 //! 10,000 `pwrite`s.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::PIECE_BYTES;
@@ -183,6 +183,9 @@ where
         if failed.load(Ordering::Relaxed) {
             return;
         }
+        if width.effort.is_hurried() {
+            waited_priority();
+        }
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(piece) = pieces.get(i) else { return };
         if let Err(e) = work(piece) {
@@ -237,6 +240,42 @@ pub(crate) fn background_priority() {
     // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
+    }
+}
+
+/// The nice value of the threads that start background jobs (training's), to which a
+/// background writer returns once somebody waits for it (see [`waited_priority`]).
+static CALLER_NICE: AtomicI32 = AtomicI32::new(0);
+
+/// Records the calling thread's nice value as the one waited-for writers return to; called
+/// by whoever starts a background job (a background thread itself records nothing).
+pub(crate) fn note_caller_priority() {
+    // SAFETY: plain syscall reading the calling thread's nice value.
+    let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if nice != BACKGROUND_NICE {
+        CALLER_NICE.store(nice, Ordering::Relaxed);
+    }
+}
+
+thread_local! {
+    static RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Once somebody waits for a write, its threads (at nice 19) return to the priority of
+/// the threads that started it: training is blocked then, and a waited write at nice 19
+/// would get almost nothing of a core that another process keeps busy (an end-of-fit wait
+/// took seconds so). Lowering a nice value needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that
+/// allows it (root outside most containers); without, the thread stays where it is and
+/// only the extra threads of a hurried write help. Best effort, once per thread.
+pub(crate) fn waited_priority() {
+    if RAISED.with(|r| r.replace(true)) {
+        return;
+    }
+    // SAFETY: plain syscalls on the calling thread's own nice value.
+    unsafe {
+        if libc::getpriority(libc::PRIO_PROCESS, 0) == BACKGROUND_NICE {
+            libc::setpriority(libc::PRIO_PROCESS, 0, CALLER_NICE.load(Ordering::Relaxed));
+        }
     }
 }
 
