@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import fastckpt
@@ -61,23 +62,21 @@ def _writers_while_saving(
     def watch() -> None:
         while not done.is_set():
             for tid, info in _threads().items():
-                if tid not in before and tid != watcher_tid[0]:
+                if tid not in before and tid != threading.get_native_id():  # (not itself)
                     # As last seen before anyone waited (a wait changes the priority).
                     if not waited.is_set() or tid not in seen:
                         seen[tid] = info
             done.wait(0.01)
 
-    watcher_tid = [0]
     watcher = threading.Thread(target=watch)
     testing.inject_delay(100)
     try:
         watcher.start()
-        watcher_tid[0] = watcher.native_id
         job = fastckpt.save(model, tmp_path / name, background=background, threads=threads, **kw)
         if background:
             # Every writer seen before the wait (which changes their priority): the job's
             # thread, at nice 19, may take a while to start them on a busy machine.
-            want = max(threads or 0, _fastckpt.DEFAULT_THREADS if threads is None else 0)
+            want = _fastckpt.DEFAULT_THREADS if threads is None else threads
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if sum(info[0] == "fastckpt-writer" for info in list(seen.values())) >= want:
@@ -124,38 +123,30 @@ def test_a_synchronous_sharded_save_runs_at_the_callers_priority(tmp_path):
     assert len(os.listdir(tmp_path)) >= 4, "an index and at least three shards"
 
 
-def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
-    """Until someone waits, one thread writes (on this machine's default); after `wait()`,
-    as many as a synchronous save uses. Seen as which threads' write counters grow."""
-    if _fastckpt.DEFAULT_THREADS < 2:
-        raise AssertionError("needs at least 2 cores to tell the widths apart")
+def _watch_a_waited_save(
+    tmp_path, look: Callable[[bool], None], started: Callable[[], bool] = lambda: True
+) -> None:
+    """Runs a slowed one-thread background save and waits for it once `started()` (within
+    10 s: its thread, at nice 19, may start late) and a moment more, with a watcher
+    calling `look(waited)` every 5 ms meanwhile (`waited`: whether `result()` was called)."""
     model = state_model(1024)
-    before = set(_threads())
-    wrote_by: dict[int, int] = {}  # tid -> bytes written while the save ran
     waiting = threading.Event()
-    writers_before_wait: set[int] = set()
     done = threading.Event()
 
     def watch() -> None:
-        start = {tid: n for tid, n in _bytes_written_by_thread().items() if tid not in before}
         while not done.is_set():
-            for tid, n in _bytes_written_by_thread().items():
-                if tid in before:
-                    continue
-                grown = n - start.setdefault(tid, 0)
-                if grown > 0:
-                    wrote_by[tid] = grown
-                    if not waiting.is_set():
-                        writers_before_wait.add(tid)
+            look(waiting.is_set())
             done.wait(0.005)
 
     testing.inject_delay(150)  # ~6 pieces: about 1 s on one thread
     watcher = threading.Thread(target=watch)
     watcher.start()
-    before.add(watcher.native_id)
     try:
         job = fastckpt.save(model, tmp_path / "ckpt.weights.h5", background=True, threads=1)
-        done.wait(0.3)
+        deadline = time.monotonic() + 10
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        done.wait(0.2)
         assert not job.done(), "the slowed save ended before the wait: nothing measured"
         waiting.set()
         job.result()
@@ -163,6 +154,25 @@ def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
         testing.inject_delay(0)
         done.set()
         watcher.join()
+
+
+def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
+    """Until someone waits, one thread writes (on this machine's default); after `wait()`,
+    as many as a synchronous save uses. Seen as which threads' write counters grow."""
+    if _fastckpt.DEFAULT_THREADS < 2:
+        raise AssertionError("needs at least 2 cores to tell the widths apart")
+    before = set(_threads())
+    wrote_by: dict[int, int] = {}  # tid -> bytes written while the save ran
+    writers_before_wait: set[int] = set()
+
+    def look(waited: bool) -> None:
+        for tid, grown in _bytes_written_by_thread().items():
+            if tid not in before and grown > 0:
+                wrote_by[tid] = grown
+                if not waited:
+                    writers_before_wait.add(tid)
+
+    _watch_a_waited_save(tmp_path, look, started=lambda: bool(writers_before_wait))
     assert len(writers_before_wait) == 1, writers_before_wait
     assert len(wrote_by) == _fastckpt.DEFAULT_THREADS, wrote_by
 
@@ -206,38 +216,17 @@ def test_a_background_save_waited_for_returns_to_the_callers_priority(tmp_path):
     another process keeps busy. Where the process may raise a thread's priority again, the
     writer threads of a waited save run at the caller's nice value; where it may not, they
     stay at 19 (and only more of them help)."""
-    model = state_model(1024)
     caller = os.getpriority(os.PRIO_PROCESS, 0)
     before = set(_threads())
     seen_before_wait: dict[int, int] = {}
     seen_after_wait: dict[int, int] = {}
-    waiting = threading.Event()
-    done = threading.Event()
 
-    def watch() -> None:
-        while not done.is_set():
-            for tid, (name, _, nice) in _threads().items():
-                if tid not in before and name == "fastckpt-writer":
-                    (seen_after_wait if waiting.is_set() else seen_before_wait)[tid] = nice
-            done.wait(0.005)
+    def look(waited: bool) -> None:
+        for tid, (name, _, nice) in _threads().items():
+            if tid not in before and name == "fastckpt-writer":
+                (seen_after_wait if waited else seen_before_wait)[tid] = nice
 
-    testing.inject_delay(150)
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    before.add(watcher.native_id)
-    try:
-        job = fastckpt.save(model, tmp_path / "ckpt.weights.h5", background=True, threads=1)
-        deadline = time.monotonic() + 10  # (a job's thread at nice 19 may start late)
-        while not seen_before_wait and time.monotonic() < deadline:
-            time.sleep(0.01)
-        done.wait(0.1)
-        assert not job.done(), "the slowed save ended before the wait: nothing measured"
-        waiting.set()
-        job.result()
-    finally:
-        testing.inject_delay(0)
-        done.set()
-        watcher.join()
+    _watch_a_waited_save(tmp_path, look, started=lambda: bool(seen_before_wait))
     assert set(seen_before_wait.values()) == {19}, seen_before_wait
     expected = caller if _may_raise_priority() else 19
     assert seen_after_wait and expected in seen_after_wait.values(), seen_after_wait
