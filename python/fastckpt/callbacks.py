@@ -381,9 +381,6 @@ class ModelCheckpoint(MonitorCallbackBase):
         _readying_thread()
         # Whether the second save of a new file still needs a file reserved (`_prepare`).
         self._second_spare = False
-        # The files this `fit` saved to, whose mappings the writer may keep (on tmpfs) until
-        # training ends (`_fastckpt.release_mappings`).
-        self._targets: set[str] = set()
         # Saves handed to the writer and not yet reported, oldest first.
         self._saves: list[_Save] = []
         # Files this callback wrote, oldest first: (main path, every path of that save).
@@ -506,12 +503,13 @@ class ModelCheckpoint(MonitorCallbackBase):
         _processes.settle(f"fastckpt.ModelCheckpoint({self.filepath!r})", error)
 
     def _drop_spares(self) -> None:
-        """Removes the kept files: off the training thread, since freeing a large file
-        takes time and nothing waits for it (a leftover is a temp file that the next save
-        into its folder sweeps once this process is gone)."""
+        """Removes the kept files, and lets go of the mappings the writer keeps (on tmpfs)
+        of the files this callback wrote: off the training thread, since freeing a large
+        file takes time and nothing waits for it (a leftover is a temp file that the next
+        save into its folder sweeps once this process is gone)."""
         spares, self._spares = [s for kept in self._spares.values() for s in kept], {}
-        targets, self._targets = _identities(self._targets), set()
-        _drop_when_done(spares, release=targets)
+        written = _identities(p for _, paths in self._written for p in paths)
+        _drop_when_done(spares, release=written)
 
     # State a backup records (fastckpt.BackupAndRestore) ----------------------------------
 
@@ -624,7 +622,6 @@ class ModelCheckpoint(MonitorCallbackBase):
             print_msg(message)
         if not save:
             return
-        self._targets.add(filepath)
         queued_behind = self._saves[-1].handle if self._saves else None
         queue_after: list[api.SaveJob | _fastckpt.Job] = []
         if isinstance(queued_behind, api.SaveJob):
