@@ -129,7 +129,8 @@ pub trait Body: Send + Sync {
 pub fn write_body(target: &Path, body: &dyn Body, opts: &WriteOptions) -> Result<Written> {
     write_via(target, opts, |temp, reused| {
         let file = open_temp(temp, target, reused)?;
-        reserve(&file, body.max_len()).map_err(|e| Error::io("reserve space for", target, e))?;
+        reserve(&file, body.max_len(), &opts.width)
+            .map_err(|e| Error::io("reserve space for", target, e))?;
         let len = body.write(&file, target, opts)?;
         file.set_len(len)
             .map_err(|e| Error::io("truncate the temp file of", target, e))?;
@@ -247,7 +248,7 @@ pub(crate) fn write_temp(
 ) -> Result<u64> {
     let file = open_temp(temp, target, reused)?;
     let len = layout.file_len();
-    reserve(&file, len).map_err(|e| Error::io("reserve space for", target, e))?;
+    reserve(&file, len, &opts.width).map_err(|e| Error::io("reserve space for", target, e))?;
 
     let slots = layout.slots();
     let items: Vec<(u64, usize)> = slots
@@ -414,7 +415,7 @@ pub fn reserve_spare_at(temp: &Path, target: &Path, len: u64, width: &Width) -> 
         .custom_flags(libc::O_CLOEXEC)
         .open(temp)
         .and_then(|file| {
-            reserve(&file, len)?;
+            reserve(&file, len, width)?;
             if in_memory(&file) {
                 // Through a mapping, kept for the write into this file; with `pwrite`
                 // where the file cannot be mapped.
@@ -457,21 +458,55 @@ fn touch(file: &File, len: u64, width: &Width) -> io::Result<()> {
 }
 
 /// Sizes the file up front: a full disk or a file-size limit fails here, before any payload
-/// is written, and the end-of-file that formats record is the real one.
-pub(crate) fn reserve(file: &File, len: u64) -> io::Result<()> {
+/// is written, and the end-of-file that formats record is the real one. A file in memory
+/// gets its pages here (each one cleared by the kernel: CPU work in proportion to the
+/// size), so it is allocated a piece at a time on `width`'s threads: at nice 19 in the
+/// background, and at the caller's priority once somebody waits for the write (see
+/// `parallel::coordinate`); elsewhere allocating is bookkeeping, in one call.
+pub(crate) fn reserve(file: &File, len: u64, width: &Width) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    // SAFETY: plain syscall on an open descriptor.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-    if rc == 0 {
-        return Ok(());
+    let allocate = |offset: u64, len: u64| {
+        // SAFETY: plain syscall on an open descriptor.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            Ok(true)
+        } else {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(false),
+                _ => Err(err),
+            }
+        }
+    };
+    let Ok(whole) = usize::try_from(len) else {
+        return Err(io::Error::from(io::ErrorKind::FileTooLarge));
+    };
+    let supported = if in_memory(file) {
+        let pieces = plan_pieces(&[(0, whole)], false);
+        let unsupported = AtomicBool::new(false);
+        run_pieces_with(&pieces, width, |piece| {
+            if !unsupported.load(Ordering::Relaxed) && !allocate(piece.offset, piece.span)? {
+                unsupported.store(true, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        !unsupported.into_inner()
+    } else {
+        allocate(0, len)?
+    };
+    if !supported {
+        file.set_len(len)?;
     }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => file.set_len(len),
-        _ => Err(err),
-    }
+    Ok(())
 }
 
 /// Writes zeros over every byte of `[0, len)` outside the `(offset, length)` extents.

@@ -312,7 +312,7 @@ pub fn needs_mapping(path: &Path) -> bool {
 pub fn map_kept(path: &Path, len: u64, width: &Width) -> io::Result<()> {
     let file = File::options().read(true).write(true).open(path)?;
     let len = len.max(file.metadata()?.len());
-    super::commit::reserve(&file, len)?;
+    super::commit::reserve(&file, len, width)?;
     if let Some(touched) = MappedFile::touched(&file, len, width) {
         keep(&file, touched?);
     }
