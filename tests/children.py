@@ -7,6 +7,7 @@ Each task is `task(emit, **args)`: `emit(event, **fields)` reports to the parent
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -404,3 +405,63 @@ def resume_training(
     model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
     model.save_weights(os.path.join(folder, "final.weights.h5"))
     emit("done")
+
+
+# Written (to /dev/null) by `waited_save_marking_the_wait` just before it waits: where the
+# wait begins in an strace log.
+WAIT_MARK = b"fastckpt-test: waiting"
+
+
+def waited_save_marking_the_wait(path: str, report: str, width: int = 4096) -> None:
+    """A slowed one-thread background save, waited for once its writer has written, with
+    `WAIT_MARK` written just before the wait; `report` gets the threads at nice 19 then and
+    whether a thread could leave nice 19 again."""
+
+    def nice_and_written() -> dict[int, tuple[int, int]]:
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/self/task/{tid}/io") as f:
+                    wchar = int(f.read().split("wchar:")[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out[int(tid)] = (int(stat[stat.rindex(")") + 2 :].split()[19 - 3]), wchar)
+        return out
+
+    raised = []
+
+    def attempt() -> None:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+            raised.append(True)
+        except PermissionError:
+            raised.append(False)
+
+    probe = threading.Thread(target=attempt)
+    probe.start()
+    probe.join()
+    model = state_model(width)
+    before = set(nice_and_written())
+    testing.inject_delay(150)
+    try:
+        job = fastckpt.save(model, path, background=True, threads=1)
+        deadline = time.monotonic() + 60
+        low: list[int] = []
+        while not low and time.monotonic() < deadline:
+            low = [
+                t for t, (nice, w) in nice_and_written().items() if t not in before and nice == 19
+            ]
+            if not any(nice_and_written().get(t, (0, 0))[1] for t in low):
+                low = []
+                time.sleep(0.01)
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.write(fd, WAIT_MARK)
+        os.close(fd)
+        job.result()
+    finally:
+        testing.inject_delay(0)
+    with open(report, "w") as f:
+        json.dump({"may_raise": raised[0], "low": low, "size": os.path.getsize(path)}, f)

@@ -87,8 +87,11 @@ def write_size(call: Call) -> tuple[int, int]:
     return offset, int(call.ret.split()[0])
 
 
-def run_traced(script: str, args: list[str], log: Path, syscalls: str, env=None) -> list[Call]:
-    """Runs `python -c script *args` under `strace -f` and returns the traced calls."""
+def run_traced(
+    script: str, args: list[str], log: Path, syscalls: str, env=None, prefix: list[str] = ()
+) -> list[Call]:
+    """Runs `python -c script *args` under `strace -f` (itself under `prefix`, a command
+    that runs the rest) and returns the traced calls."""
     strace = shutil.which("strace")
     assert strace, (
         "strace is not installed: this test needs it (apt-get install strace; "
@@ -96,7 +99,7 @@ def run_traced(script: str, args: list[str], log: Path, syscalls: str, env=None)
     )
     trace = [strace, "-f", "-qq", "--seccomp-bpf", "-o", str(log), "-e", f"trace={syscalls}"]
     run = subprocess.run(
-        [*trace, sys.executable, "-c", script, *args],
+        [*prefix, *trace, sys.executable, "-c", script, *args],
         capture_output=True,
         timeout=300,
         env=env,

@@ -214,8 +214,9 @@ def save(
         include_optimizer: also save the optimizer's variables (as Keras does).
         overwrite: if False, an existing file is an error.
         background: return a `SaveJob` as soon as the snapshot is taken (`save_async`
-            does the same with a precise return type). The write then runs at the lowest
-            CPU priority (nice 19) and uses every core once waited for.
+            does the same with a precise return type). The write's threads then run at
+            the lowest CPU priority (nice 19); once it is waited for, it uses every core
+            at the caller's priority.
         threads: writer threads (default: one per core, at most 8; in the background a
             quarter of the cores, at least 1, until waited for). Large payloads go to disk
             with direct I/O where the filesystem supports it (`FASTCKPT_DIRECT_IO=0` turns

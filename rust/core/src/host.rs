@@ -94,6 +94,29 @@ pub unsafe fn prefault(ptr: *mut u8, len: usize) {
     }
 }
 
+/// [`prefault`], a piece at a time on `width`'s threads: in a background job, at the
+/// lowest priority until somebody waits for it (see `io::coordinate`).
+///
+/// # Safety
+/// As for [`prefault`].
+pub unsafe fn prefault_with(ptr: *mut u8, len: usize, width: &crate::io::Width) {
+    // Pieces of whole pages (their length is a multiple of a page), so that no page
+    // straddles two pieces and goes untouched by both.
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + len) / PAGE * PAGE;
+    let pieces = crate::io::plan_pieces(&[(0, end.saturating_sub(start))], false);
+    let _ = crate::io::run_pieces_with(&pieces, width, |piece| {
+        // SAFETY: the piece lies inside the caller's range (see above).
+        unsafe {
+            prefault(
+                (start + piece.offset as usize) as *mut u8,
+                piece.span as usize,
+            )
+        };
+        Ok(())
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

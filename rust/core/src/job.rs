@@ -90,9 +90,12 @@ impl Job {
         }
     }
 
-    /// Starts `work` on a new thread named `name` that runs at the lowest priority (nice
-    /// 19, see `io::background_priority`), once every job in `after` has ended. `effort` is
-    /// the one the work's writes consult: hurrying the job hurries them.
+    /// Starts `work` on a new thread named `name` once every job in `after` has ended.
+    /// The thread keeps the caller's priority and coordinates: its writes are done by
+    /// threads at the lowest priority (nice 19) until somebody waits, then by it and
+    /// threads at its priority too (see `io::coordinate`). Work that runs outside the runs
+    /// of pieces must be light. `effort` is the one the work's writes consult: hurrying
+    /// the job hurries them.
     pub fn spawn(name: &str, after: &[Job], effort: Effort, work: impl Work) -> Job {
         let job = Job::with_state(
             State::Queued {
@@ -105,7 +108,7 @@ impl Job {
         let spawned = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                crate::io::background_priority();
+                crate::io::coordinate();
                 me.run_when_due(work)
             });
         if let Err(e) = spawned {
@@ -241,23 +244,26 @@ mod tests {
     }
 
     #[test]
-    fn the_writer_thread_runs_at_the_lowest_priority() {
+    fn the_job_thread_keeps_the_callers_priority_and_its_writers_run_at_the_lowest() {
         // SAFETY: plain syscalls reading the calling thread's nice value.
-        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } as u64;
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
         let caller = nice();
         let job = spawn(None, move || {
             let own = nice();
-            let child = std::thread::spawn(nice).join().unwrap();
-            Ok(Output::new(vec![], (own << 8) | child))
+            let pieces = crate::io::plan_pieces(&[(0, 1), (10, 1), (20, 1)], false);
+            let writers = Mutex::new(Vec::new());
+            crate::io::run_pieces_with(&pieces, &crate::io::Width::fixed(1), |_| {
+                writers.lock().unwrap().push(nice());
+                Ok(())
+            })
+            .unwrap();
+            let writers = writers.into_inner().unwrap();
+            assert_eq!(own, caller, "the job's own thread");
+            assert_eq!(writers, vec![crate::io::BACKGROUND_NICE; 3], "its writers");
+            Ok(Output::new(vec![], 0))
         });
         job.wait(None);
-        let seen = job.outcome().unwrap().unwrap().output.bytes;
-        let want = crate::io::BACKGROUND_NICE as u64;
-        assert_eq!(
-            (seen >> 8, seen & 0xff),
-            (want, want),
-            "the job's thread and the threads it starts"
-        );
+        job.outcome().unwrap().unwrap();
         assert_eq!(nice(), caller);
     }
 

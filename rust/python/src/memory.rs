@@ -52,11 +52,13 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
         ptr,
         len,
     };
+    let width = Width::fixed(1);
+    let effort = width.effort.clone();
     let work = move || {
         let held = owner;
         // SAFETY: `held` keeps the array, and so its buffer, alive; prefaulting never
         // changes a byte, so it may race with writers of the same memory.
-        unsafe { host::prefault(held.ptr, held.len) };
+        unsafe { host::prefault_with(held.ptr, held.len, &width) };
         Ok(Output::new(Vec::new(), held.len as u64))
     };
     Ok(PyJob::start_named(
@@ -64,7 +66,7 @@ pub fn prefault(py: Python<'_>, buffer: Bound<'_, PyUntypedArray>) -> PyResult<P
         py,
         work,
         When::Background { after: Vec::new() },
-        Effort::default(),
+        effort,
     ))
 }
 

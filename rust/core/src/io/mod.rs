@@ -18,8 +18,8 @@ pub use commit::{
 pub use mapped::{kept_mappings, map_kept, needs_mapping, release_mappings};
 pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
-pub(crate) use parallel::{background_priority, note_caller_priority};
-pub(crate) use parallel::{run_pieces_with, Extent, Piece};
+pub(crate) use parallel::{coordinate, note_caller_priority};
+pub(crate) use parallel::{plan_pieces, run_pieces_with, Extent, Piece};
 pub use parallel::{Effort, Width};
 pub use read::{crc32_of_range, digests_of_ranges, read_into, ReadItem};
 pub use set::{write_set, SetFile, SetWritten};

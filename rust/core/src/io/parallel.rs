@@ -126,26 +126,64 @@ impl Width {
 /// the cores and the write takes them all. Clones share one flag.
 #[derive(Clone, Debug, Default)]
 pub struct Effort {
-    shared: Arc<(Mutex<bool>, Condvar)>,
+    shared: Arc<EffortState>,
+}
+
+#[derive(Debug, Default)]
+struct EffortState {
+    hurried: Mutex<bool>,
+    changed: Condvar,
+    /// Threads at the caller's priority taking pieces of a hurried write (see
+    /// [`coordinate`]): writers stuck at nice 19 leave the pieces to them.
+    helpers: AtomicUsize,
 }
 
 impl Effort {
     /// Asks every write that shares this effort to use all its threads from now on.
     pub fn hurry(&self) {
-        let (hurried, changed) = &*self.shared;
-        *hurried.lock().unwrap() = true;
-        changed.notify_all();
+        *self.shared.hurried.lock().unwrap() = true;
+        self.shared.changed.notify_all();
     }
 
     pub fn is_hurried(&self) -> bool {
-        *self.shared.0.lock().unwrap()
+        *self.shared.hurried.lock().unwrap()
+    }
+
+    /// Runs `work` counted as a helper (see [`EffortState::helpers`]).
+    fn helping(&self, work: impl FnOnce()) {
+        /// Counts the helper out, also when `work` panics.
+        struct Out<'a>(&'a Effort);
+        impl Drop for Out<'_> {
+            fn drop(&mut self) {
+                self.0.shared.helpers.fetch_sub(1, Ordering::AcqRel);
+                self.0.announce();
+            }
+        }
+        self.shared.helpers.fetch_add(1, Ordering::AcqRel);
+        let _out = Out(self);
+        work();
+    }
+
+    /// Blocks while helpers take the pieces, until `finished()` (no piece is left).
+    fn defer_to_helpers(&self, finished: impl Fn() -> bool) {
+        let mut guard = self.shared.hurried.lock().unwrap();
+        while self.shared.helpers.load(Ordering::Acquire) > 0 && !finished() {
+            // Woken when a helper leaves; the timeout lets it see `finished` meanwhile.
+            guard = self
+                .shared
+                .changed
+                .wait_timeout(guard, std::time::Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
     }
 
     /// Blocks until hurried (true) or until `finished` is set and announced (false).
     fn wait_for_hurry(&self, finished: &AtomicBool) -> bool {
-        let (hurried, changed) = &*self.shared;
-        let guard = changed
-            .wait_while(hurried.lock().unwrap(), |h| {
+        let guard = self
+            .shared
+            .changed
+            .wait_while(self.shared.hurried.lock().unwrap(), |h| {
                 !*h && !finished.load(Ordering::Acquire)
             })
             .unwrap();
@@ -154,9 +192,8 @@ impl Effort {
 
     /// Wakes threads blocked in [`Effort::wait_for_hurry`] so they can see `finished`.
     fn announce(&self) {
-        let (hurried, changed) = &*self.shared;
-        drop(hurried.lock().unwrap());
-        changed.notify_all();
+        drop(self.shared.hurried.lock().unwrap());
+        self.shared.changed.notify_all();
     }
 }
 
@@ -171,7 +208,8 @@ where
 
 /// [`run_pieces`] with a width that can grow while it runs: `width.threads` take pieces
 /// from the start, the other `hurried_threads - threads` join once the effort is hurried.
-/// Every thread runs at the priority of the calling thread (it inherits it).
+/// Every thread runs at the priority of the calling thread (it inherits it), except on a
+/// background job's own thread (see [`coordinate`]).
 pub(crate) fn run_pieces_with<F>(pieces: &[Piece], width: &Width, work: F) -> io::Result<()>
 where
     F: Fn(&Piece) -> io::Result<()> + Sync,
@@ -179,35 +217,79 @@ where
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<io::Error>> = Mutex::new(None);
-    let worker = || loop {
+    // Takes the next piece and does it; false once none is left or one failed.
+    let step = || {
         if failed.load(Ordering::Relaxed) {
-            return;
-        }
-        if width.effort.is_hurried() {
-            waited_priority();
+            return false;
         }
         let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(piece) = pieces.get(i) else { return };
+        let Some(piece) = pieces.get(i) else {
+            return false;
+        };
         if let Err(e) = work(piece) {
             failed.store(true, Ordering::Relaxed);
             first_error.lock().unwrap().get_or_insert(e);
+            return false;
+        }
+        true
+    };
+    let worker = || loop {
+        if width.effort.is_hurried() && !waited_priority() {
+            // Stuck at nice 19 (no privilege to return): while threads at the caller's
+            // priority take the pieces, leave them the rest. A piece taken at nice 19
+            // against a busy process can hold the end of the write back by seconds.
+            width.effort.defer_to_helpers(|| {
+                failed.load(Ordering::Relaxed) || next.load(Ordering::Relaxed) >= pieces.len()
+            });
+        }
+        if !step() {
             return;
         }
     };
     let most = pieces.len().max(1);
     let threads = width.threads.clamp(1, most);
-    let extra = width.hurried_threads.min(most).saturating_sub(threads);
-    if threads == 1 && extra == 0 {
-        worker();
-    } else {
-        let finished = AtomicBool::new(false);
+    let hurried = width.hurried_threads.min(most).max(threads);
+    let finished = AtomicBool::new(false);
+    let when_hurried = || {
+        if width.effort.wait_for_hurry(&finished) {
+            worker();
+        }
+    };
+    if COORDINATING.get() {
+        // A background job's own thread, at the caller's priority: `threads` writers at
+        // nice 19 take the pieces from the start. Once somebody waits for the write, this
+        // thread joins them, with the rest of the hurried width started here (so at this
+        // thread's priority: none of them needs a privilege to get there), counted as
+        // helpers.
+        let writing = AtomicUsize::new(threads);
+        let helper = || {
+            if width.effort.wait_for_hurry(&finished) {
+                width.effort.helping(worker);
+            }
+        };
         std::thread::scope(|s| {
-            for _ in 0..extra {
+            for _ in 0..threads {
                 s.spawn(|| {
-                    if width.effort.wait_for_hurry(&finished) {
-                        worker();
+                    background_priority();
+                    worker();
+                    if writing.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        // Every piece is taken: the threads waiting for a hurry go home.
+                        finished.store(true, Ordering::Release);
+                        width.effort.announce();
                     }
                 });
+            }
+            for _ in threads + 1..hurried {
+                s.spawn(helper);
+            }
+            helper();
+        });
+    } else if threads == 1 && hurried == 1 {
+        worker();
+    } else {
+        std::thread::scope(|s| {
+            for _ in threads..hurried {
+                s.spawn(when_hurried);
             }
             let base: Vec<_> = (1..threads).map(|_| s.spawn(worker)).collect();
             worker();
@@ -226,16 +308,16 @@ where
     }
 }
 
-/// Puts the calling thread, a background job's own, at the lowest priority of the normal
-/// scheduler (nice 19); the threads it starts inherit it. Against a busy core it gets a
-/// small share (CFS weight 15 against 1024), so training keeps its cores but a write still
-/// ends while training runs. `SCHED_IDLE`, the earlier choice, starves such a writer
+/// Puts the calling thread, a background job's writer, at the lowest priority of the normal
+/// scheduler (nice 19). Against a busy core it gets a small share (CFS weight 15 against
+/// 1024), so training keeps its cores but a write still ends while training runs. `SCHED_IDLE`, the earlier choice, starves such a writer
 /// completely when training keeps every core busy, so the write was left for the next
 /// checkpoint to wait for; and a starved thread holding a kernel lock (the memory map
 /// while faulting pages in, a file's pages while writing) makes normal threads wait with
 /// it (README, "Training while a checkpoint is written"). An unprivileged thread cannot
 /// raise its priority again, so nothing waits on a writer's priority: when someone waits
-/// for a write, more threads join it (see [`Effort`]). Best effort.
+/// for a write, threads at the caller's priority join it and take the pieces left (see
+/// [`coordinate`]). Best effort.
 pub(crate) fn background_priority() {
     // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
     unsafe {
@@ -259,24 +341,37 @@ pub(crate) fn note_caller_priority() {
 
 thread_local! {
     static RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The calling thread is a background job's own (see [`coordinate`]).
+    static COORDINATING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the calling thread, a background job's own, the coordinator of its writes: it
+/// keeps the priority it was started with (the caller's), and its runs of pieces start
+/// their writers at nice 19 ([`background_priority`]) and join them once hurried. What it
+/// does besides (opening, metadata, fsync, rename) is little CPU, and once the write is
+/// waited for it must not wait for a core behind another busy process.
+pub(crate) fn coordinate() {
+    COORDINATING.set(true);
 }
 
 /// Once somebody waits for a write, its threads (at nice 19) return to the priority of
 /// the threads that started it: training is blocked then, and a waited write at nice 19
 /// would get almost nothing of a core that another process keeps busy (an end-of-fit wait
 /// took seconds so). Lowering a nice value needs `CAP_SYS_NICE` or a `RLIMIT_NICE` that
-/// allows it (root outside most containers); without, the thread stays where it is and
-/// only the extra threads of a hurried write help. Best effort, once per thread.
-pub(crate) fn waited_priority() {
-    if RAISED.with(|r| r.replace(true)) {
-        return;
-    }
+/// allows it (root outside most containers); without, the thread stays where it is, and
+/// threads at the caller's priority do the write instead (see [`coordinate`]). Returns
+/// whether the calling thread runs at a priority other than a background writer's. Best
+/// effort, tried once per thread.
+pub(crate) fn waited_priority() -> bool {
     // SAFETY: plain syscalls on the calling thread's own nice value.
-    unsafe {
-        if libc::getpriority(libc::PRIO_PROCESS, 0) == BACKGROUND_NICE {
+    let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+    if !RAISED.with(|r| r.replace(true)) && nice() == BACKGROUND_NICE {
+        // SAFETY: as above.
+        unsafe {
             libc::setpriority(libc::PRIO_PROCESS, 0, CALLER_NICE.load(Ordering::Relaxed));
         }
     }
+    nice() != BACKGROUND_NICE
 }
 
 /// The nice value of background writers.
@@ -344,6 +439,63 @@ pub fn combine(kind: Digest, a: u32, b: u32, len_b: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_jobs_own_thread_writes_nothing_until_hurried_then_joins_at_its_priority() {
+        // SAFETY: plain syscall reading the calling thread's nice value.
+        let nice = || unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let effort = Effort::default();
+        let width = Width {
+            threads: 1,
+            hurried_threads: 2,
+            effort: effort.clone(),
+        };
+        let hurried = AtomicBool::new(false);
+        // (hurried when it began, the job's own thread, its nice value) of each piece.
+        let seen = Mutex::new(Vec::new());
+        let pieces = plan_pieces(&(0..40).map(|i| (i * 10, 1)).collect::<Vec<_>>(), false);
+        std::thread::scope(|s| {
+            let job = s.spawn(|| {
+                coordinate();
+                let me = std::thread::current().id();
+                run_pieces_with(&pieces, &width, |_| {
+                    let when = hurried.load(Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                    let mine = std::thread::current().id() == me;
+                    seen.lock().unwrap().push((when, mine, nice()));
+                    Ok(())
+                })
+                .unwrap();
+                nice()
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            hurried.store(true, Ordering::SeqCst);
+            effort.hurry();
+            assert_eq!(
+                job.join().unwrap(),
+                nice(),
+                "the job's own thread kept its priority"
+            );
+        });
+        let seen = seen.into_inner().unwrap();
+        assert_eq!(seen.len(), 40, "every piece done once");
+        let early: Vec<_> = seen.iter().filter(|p| !p.0).collect();
+        assert!(!early.is_empty());
+        assert!(
+            early.iter().all(|p| !p.1 && p.2 == BACKGROUND_NICE),
+            "{early:?}"
+        );
+        let joined = seen.iter().filter(|p| p.0 && p.1).count();
+        assert!(
+            joined > 0,
+            "the job's own thread took no piece once hurried: {seen:?}"
+        );
+        assert!(
+            seen.iter().filter(|p| p.1).all(|p| p.2 == nice()),
+            "{seen:?}"
+        );
+    }
 
     #[test]
     fn large_items_are_split_and_small_ones_batched() {
