@@ -268,15 +268,22 @@ where
             }
         };
         std::thread::scope(|s| {
+            /// Counts a writer out when it ends, also by a panic (which resurfaces when
+            /// the scope ends): the last one sends the threads waiting for a hurry home.
+            struct Out<'a>(&'a AtomicUsize, &'a AtomicBool, &'a Effort);
+            impl Drop for Out<'_> {
+                fn drop(&mut self) {
+                    if self.0.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        self.1.store(true, Ordering::Release);
+                        self.2.announce();
+                    }
+                }
+            }
             for _ in 0..threads {
                 s.spawn(|| {
+                    let _out = Out(&writing, &finished, &width.effort);
                     background_priority();
                     worker();
-                    if writing.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        // Every piece is taken: the threads waiting for a hurry go home.
-                        finished.store(true, Ordering::Release);
-                        width.effort.announce();
-                    }
                 });
             }
             for _ in threads + 1..hurried {
@@ -330,13 +337,12 @@ pub(crate) fn background_priority() {
 static CALLER_NICE: AtomicI32 = AtomicI32::new(0);
 
 /// Records the calling thread's nice value as the one waited-for writers return to; called
-/// by whoever starts a background job (a background thread itself records nothing).
+/// by whoever starts a background job (training's threads: a job's own thread keeps that
+/// value, and its writers start none).
 pub(crate) fn note_caller_priority() {
     // SAFETY: plain syscall reading the calling thread's nice value.
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-    if nice != BACKGROUND_NICE {
-        CALLER_NICE.store(nice, Ordering::Relaxed);
-    }
+    CALLER_NICE.store(nice, Ordering::Relaxed);
 }
 
 thread_local! {
