@@ -19,33 +19,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import fastckpt
+from fastckpt.bench.machine import may_raise_priority
 from fastckpt.bench.measure import MIB
 from fastckpt.bench.models import training_model
-
-
-def may_raise_priority() -> bool:
-    """Whether a thread of this process may leave nice 19 again, tried on its own thread."""
-    result = []
-
-    def attempt() -> None:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, 0)
-            result.append(True)
-        except PermissionError:
-            result.append(False)
-
-    thread = threading.Thread(target=attempt)
-    thread.start()
-    thread.join()
-    return result[0]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import fastckpt
 from children import state_model
 from fastckpt import _fastckpt
 from fastckpt._fastckpt import testing
+from fastckpt.bench.machine import may_raise_priority
 from strace_log import run_traced, write_size
 
 SCHED_OTHER = 0
@@ -209,30 +210,11 @@ def test_background_saves_default_to_a_quarter_of_the_cores(tmp_path):
     assert _fastckpt.DEFAULT_THREADS == min(cores, 8)
     seen = _writers_while_saving(tmp_path, background=True, threads=None)
     writers = [tid for tid, info in seen.items() if info[0] == "fastckpt-writer"]
-    # The job's own thread is one of the writers; the others wait to be hurried.
+    # Its writer, and the job's own thread, which joins once the save is waited for.
     assert len(writers) == _fastckpt.DEFAULT_THREADS, seen
     sync = _writers_while_saving(tmp_path, background=False, threads=None)
     # The caller's own thread writes too.
     assert len(sync) == _fastckpt.DEFAULT_THREADS - 1, sync
-
-
-def _may_raise_priority() -> bool:
-    """Whether a thread of this process may lower its nice value again (CAP_SYS_NICE, or
-    a RLIMIT_NICE that allows it), tried on a thread of its own."""
-    result = []
-
-    def attempt() -> None:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-        try:
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, os.getpid()))
-            result.append(os.getpriority(os.PRIO_PROCESS, 0) != 19)
-        except PermissionError:
-            result.append(False)
-
-    thread = threading.Thread(target=attempt)
-    thread.start()
-    thread.join()
-    return result[0]
 
 
 def test_a_background_save_waited_for_returns_to_the_callers_priority(tmp_path):
@@ -259,7 +241,7 @@ def test_a_background_save_waited_for_returns_to_the_callers_priority(tmp_path):
     assert {seen_before_wait[t] for t in wrote_before_wait} == {19}, seen_before_wait
     job_thread = set(seen_before_wait) - wrote_before_wait
     assert [seen_before_wait[t] for t in job_thread] == [caller], seen_before_wait
-    expected = caller if _may_raise_priority() else 19
+    expected = caller if may_raise_priority() else 19
     after = {seen_after_wait.get(t) for t in wrote_before_wait}
     assert after == {expected}, seen_after_wait
     assert os.getpriority(os.PRIO_PROCESS, 0) == caller
@@ -272,7 +254,7 @@ def test_where_writers_cannot_leave_nice_19_threads_at_the_callers_priority_writ
     priority (the job's own, and those it starts then) write the rest. Seen under strace, in a child
     whose `CAP_SYS_NICE` is dropped (`setpriv`) where this process has it."""
     prefix: list[str] = []
-    if _may_raise_priority():
+    if may_raise_priority():
         setpriv = shutil.which("setpriv")
         assert setpriv, "setpriv (util-linux) is needed to drop CAP_SYS_NICE for this test"
         prefix = [setpriv, "--inh-caps=-sys_nice", "--bounding-set=-sys_nice"]

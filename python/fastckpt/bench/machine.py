@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 from importlib import metadata
 from typing import Any
 
@@ -21,6 +22,27 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def may_raise_priority() -> bool:
+    """Whether a thread of this process may return from nice 19 to the main thread's nice
+    value (`CAP_SYS_NICE`, or a `RLIMIT_NICE` that allows it): whether a waited write's
+    writers may (most containers may not). Tried on a thread of its own."""
+    result: list[bool] = []
+
+    def attempt() -> None:
+        main = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, main)
+            result.append(os.getpriority(os.PRIO_PROCESS, 0) == main)
+        except PermissionError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def memory_bytes() -> dict[str, int]:

@@ -317,11 +317,12 @@ where
 
 /// Puts the calling thread, a background job's writer, at the lowest priority of the normal
 /// scheduler (nice 19). Against a busy core it gets a small share (CFS weight 15 against
-/// 1024), so training keeps its cores but a write still ends while training runs. `SCHED_IDLE`, the earlier choice, starves such a writer
-/// completely when training keeps every core busy, so the write was left for the next
-/// checkpoint to wait for; and a starved thread holding a kernel lock (the memory map
-/// while faulting pages in, a file's pages while writing) makes normal threads wait with
-/// it (README, "Training while a checkpoint is written"). An unprivileged thread cannot
+/// 1024), so training keeps its cores but a write still ends while training runs.
+/// `SCHED_IDLE`, the earlier choice, starves such a writer completely when training keeps
+/// every core busy, so the write was left for the next checkpoint to wait for; and a
+/// starved thread holding a kernel lock (the memory map while faulting pages in, a file's
+/// pages while writing) makes normal threads wait with it (README, "Training while a
+/// checkpoint is written"). An unprivileged thread cannot
 /// raise its priority again, so nothing waits on a writer's priority: when someone waits
 /// for a write, threads at the caller's priority join it and take the pieces left (see
 /// [`coordinate`]). Best effort.
