@@ -13,6 +13,7 @@ import resource
 import signal
 import threading
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -408,6 +409,33 @@ def resume_training(
     emit("done")
 
 
+def thread_states() -> dict[int, tuple[str, int, int]]:
+    """{tid: (name, policy, nice)} of this process's threads, from /proc/self/task."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        # Fields after the name, from `state` (3rd in proc(5)): nice is the 19th, policy the 41st.
+        out[int(task.name)] = (name, int(fields[41 - 3]), int(fields[19 - 3]))
+    return out
+
+
+def bytes_written_by_thread() -> dict[int, int]:
+    """{tid: bytes the thread has passed to write syscalls} (`wchar` in /proc/.../io)."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            io = (task / "io").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(task.name)] = int(io.split("wchar:")[1].split()[0])
+    return out
+
+
 # Written (to /dev/null) by `waited_save_marking_the_wait` just before it waits: where the
 # wait begins in an strace log.
 WAIT_MARK = b"fastckpt-test: waiting"
@@ -418,32 +446,19 @@ def waited_save_marking_the_wait(path: str, report: str, width: int = 4096) -> N
     `WAIT_MARK` written just before the wait; `report` gets the threads at nice 19 then and
     whether a thread could leave nice 19 again."""
 
-    def nice_and_written() -> dict[int, tuple[int, int]]:
-        out = {}
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/stat") as f:
-                    stat = f.read()
-                with open(f"/proc/self/task/{tid}/io") as f:
-                    wchar = int(f.read().split("wchar:")[1].split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            out[int(tid)] = (int(stat[stat.rindex(")") + 2 :].split()[19 - 3]), wchar)
-        return out
-
     model = state_model(width)
-    before = set(nice_and_written())
+    before = set(thread_states())
     testing.inject_delay(150)
     try:
         job = fastckpt.save(model, path, background=True, threads=1)
         deadline = time.monotonic() + 60
         low: list[int] = []
         while not low and time.monotonic() < deadline:
-            low = [
-                t for t, (nice, w) in nice_and_written().items() if t not in before and nice == 19
-            ]
-            if not any(nice_and_written().get(t, (0, 0))[1] for t in low):
-                low = []
+            written = bytes_written_by_thread()
+            states = thread_states().items()
+            at_19 = [t for t, (_, _, nice) in states if t not in before and nice == 19]
+            low = at_19 if any(written.get(t, 0) for t in at_19) else []
+            if not low:
                 time.sleep(0.01)
         fd = os.open(os.devnull, os.O_WRONLY)
         os.write(fd, WAIT_MARK)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import fastckpt
-from fastckpt import _fastckpt, api
+from fastckpt import _fastckpt, api, callbacks
 from oracles import stock_arrays
 from strace_log import fd_of, on_descriptor, run_traced, temp_name_re, write_size
 
@@ -170,11 +170,6 @@ def test_release_lets_go_of_every_kept_mapping(memory_folder):
     assert all(_mapped(path) == [] for path, _ in spares)
 
 
-def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
 def test_release_lets_go_of_the_mappings_of_the_files_named(memory_folder):
     """What a callback does when training ends: the mappings of its own checkpoints go,
     not those another `fit` has begun to keep."""
@@ -183,9 +178,9 @@ def test_release_lets_go_of_the_mappings_of_the_files_named(memory_folder):
     )
     job_a.result()
     job_b.result()
-    assert _fastckpt.release_mappings([_identity(a)]) >= 1
+    assert _fastckpt.release_mappings(callbacks._identities([a])) >= 1
     assert _mapped(a) == [] and _mapped(b)
-    _fastckpt.release_mappings([_identity(b)])
+    _fastckpt.release_mappings(callbacks._identities([b]))
     assert _mapped(b) == []
 
 

@@ -16,40 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fastckpt
-from children import state_model
+from children import bytes_written_by_thread, state_model, thread_states
 from fastckpt import _fastckpt
 from fastckpt._fastckpt import testing
 from fastckpt.bench.machine import may_raise_priority
 from strace_log import run_traced, write_size
 
 SCHED_OTHER = 0
-
-
-def _threads() -> dict[int, tuple[str, int, int]]:
-    """{tid: (name, policy, nice)} of this process's threads, from /proc/self/task."""
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except FileNotFoundError:
-            continue  # the thread ended
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # Fields after the name, from `state` (3rd in proc(5)): nice is the 19th, policy the 41st.
-        out[int(task.name)] = (name, int(fields[41 - 3]), int(fields[19 - 3]))
-    return out
-
-
-def _bytes_written_by_thread() -> dict[int, int]:
-    """{tid: bytes the thread has passed to write syscalls} (`wchar` in /proc/.../io)."""
-    out = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            io = (task / "io").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[int(task.name)] = int(io.split("wchar:")[1].split()[0])
-    return out
 
 
 def _writers_while_saving(
@@ -64,7 +37,7 @@ def _writers_while_saving(
     down), before anyone waits for a background one; `wrote` gets those that passed bytes
     to write syscalls by then."""
     model = state_model(1024)
-    before = set(_threads())
+    before = set(thread_states())
     seen: dict[int, tuple[str, int, int]] = {}
     done = threading.Event()
     waited = threading.Event()
@@ -72,8 +45,8 @@ def _writers_while_saving(
 
     def watch() -> None:
         while not done.is_set():
-            written = _bytes_written_by_thread()
-            for tid, info in _threads().items():
+            written = bytes_written_by_thread()
+            for tid, info in thread_states().items():
                 if tid not in before and tid != threading.get_native_id():  # (not itself)
                     # As last seen before anyone waited (a wait changes the priority).
                     if not waited.is_set() or tid not in seen:
@@ -186,12 +159,12 @@ def test_a_background_save_takes_every_core_once_waited_for(tmp_path):
     as many as a synchronous save uses. Seen as which threads' write counters grow."""
     if _fastckpt.DEFAULT_THREADS < 2:
         raise AssertionError("needs at least 2 cores to tell the widths apart")
-    before = set(_threads())
+    before = set(thread_states())
     wrote_by: dict[int, int] = {}  # tid -> bytes written while the save ran
     writers_before_wait: set[int] = set()
 
     def look(waited: bool) -> None:
-        for tid, grown in _bytes_written_by_thread().items():
+        for tid, grown in bytes_written_by_thread().items():
             if tid not in before and grown > 0:
                 wrote_by[tid] = grown
                 if not waited:
@@ -224,14 +197,14 @@ def test_a_background_save_waited_for_returns_to_the_callers_priority(tmp_path):
     at 19, and threads at the caller's priority write the rest (see
     `test_where_writers_cannot_leave_nice_19_threads_at_the_callers_priority_write`)."""
     caller = os.getpriority(os.PRIO_PROCESS, 0)
-    before = set(_threads())
+    before = set(thread_states())
     wrote_before_wait: set[int] = set()
     seen_before_wait: dict[int, int] = {}
     seen_after_wait: dict[int, int] = {}
 
     def look(waited: bool) -> None:
-        written = _bytes_written_by_thread()
-        for tid, (name, _, nice) in _threads().items():
+        written = bytes_written_by_thread()
+        for tid, (name, _, nice) in thread_states().items():
             if tid not in before and name == "fastckpt-writer":
                 (seen_after_wait if waited else seen_before_wait)[tid] = nice
                 if not waited and written.get(tid, 0) > 0:

@@ -250,23 +250,19 @@ where
     let threads = width.threads.clamp(1, most);
     let hurried = width.hurried_threads.min(most).max(threads);
     let finished = AtomicBool::new(false);
+    // The threads that join once the write is hurried, at the priority of the thread that
+    // runs this, counted as helpers: writers stuck at nice 19 leave the pieces to them.
     let when_hurried = || {
         if width.effort.wait_for_hurry(&finished) {
-            worker();
+            width.effort.helping(worker);
         }
     };
     if COORDINATING.get() {
         // A background job's own thread, at the caller's priority: `threads` writers at
         // nice 19 take the pieces from the start. Once somebody waits for the write, this
         // thread joins them, with the rest of the hurried width started here (so at this
-        // thread's priority: none of them needs a privilege to get there), counted as
-        // helpers.
+        // thread's priority: none of them needs a privilege to get there).
         let writing = AtomicUsize::new(threads);
-        let helper = || {
-            if width.effort.wait_for_hurry(&finished) {
-                width.effort.helping(worker);
-            }
-        };
         std::thread::scope(|s| {
             /// Counts a writer out when it ends, also by a panic (which resurfaces when
             /// the scope ends): the last one sends the threads waiting for a hurry home.
@@ -287,9 +283,9 @@ where
                 });
             }
             for _ in threads + 1..hurried {
-                s.spawn(helper);
+                s.spawn(when_hurried);
             }
-            helper();
+            when_hurried();
         });
     } else if threads == 1 && hurried == 1 {
         worker();
