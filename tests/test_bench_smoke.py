@@ -9,6 +9,7 @@ import pytest
 
 import fastckpt
 from conftest import small_model
+from fastckpt.bench import training
 from fastckpt.cli import main
 
 PYTHON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(fastckpt.__file__)))
@@ -100,6 +101,12 @@ def test_quick_bench_has_every_contender(quick_run):
     assert "fastckpt.load(.weights.h5)" in by_section["load"]
     assert {"floor: read, 1 thread", "floor: read, every core"} <= by_section["load"]
     assert by_section["memory"] and by_section["slowdown"] and by_section["variables"]
+    # Beside fastckpt's writes, the same bytes written by `dd` on each target, and for
+    # every writer what a write took from training in all.
+    slowdown = [r for r in results["records"] if r["section"] == "slowdown"]
+    raw = [r for r in slowdown if r["contender"].startswith(training.RAW_WRITE)]
+    assert {r["target"] for r in raw} == {r["target"] for r in slowdown}
+    assert all("lost_per_write" in r["quantities"] for r in slowdown)
     wholefit = [r for r in results["records"] if r["section"] == "wholefit"]
     assert {r["backend"] for r in wholefit} == {"tensorflow", "jax"}
     assert {

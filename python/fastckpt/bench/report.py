@@ -361,7 +361,10 @@ def slowdown_section(idx: Index) -> list[str]:
         f"{recs[0]['case']}: `train_on_batch` steps timed one by one, in windows with no "
         "write and while a background save runs: into the file the save before it replaced "
         "and kept, as `ModelCheckpoint` writes (on tmpfs through the mapping kept of it), "
-        "or a new file each time (`fastckpt.save(..., background=True)`).",
+        "or a new file each time (`fastckpt.save(..., background=True)`). *Lost per write*: "
+        "the steps during one write, less as many steps of the window before it: what the "
+        "write took from training in all (the ratio also falls when a writer takes the "
+        "same CPU more slowly, over more steps).",
         "",
     ]
     rows = []
@@ -375,6 +378,7 @@ def slowdown_section(idx: Index) -> list[str]:
                 cell(r, "step_during_write"),
                 str(during["n"]) if during else "0",
                 ratio(median(r, "step_during_write"), median(r, "step_quiet")),
+                cell(r, "lost_per_write"),
                 cell(r, "blocked"),
                 cell(r, "write"),
             ]
@@ -386,6 +390,7 @@ def slowdown_section(idx: Index) -> list[str]:
         "step during write",
         "steps",
         "ratio",
+        "lost per write",
         "caller blocked",
         "write",
     ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import statistics
+import subprocess
 import time
 from typing import Any
 
@@ -31,6 +33,8 @@ from fastckpt.bench.models import TrainingSetup, state_bytes, training_model
 from fastckpt.bench.throughput import SNAPSHOT_FLOOR, first_save
 
 NO_CALLBACK = "fit without a callback"
+# The slowdown section's reference: the same bytes written by `dd` (`_RawWrites`).
+RAW_WRITE = "raw write: dd of the same bytes, nice 19, bs=8M, conv=fdatasync"
 
 
 def make_setup(ctx: Context) -> TrainingSetup:
@@ -129,8 +133,9 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
     steps until it is done. Each step is timed alone (`train_on_batch`). Run with the
     default writer threads of a background save and with another count (a synchronous
     save's default, or one), since on a small machine the writers and the training step
-    share the cores; and, where the target has direct I/O (not tmpfs), once
-    more with it switched off (`FASTCKPT_DIRECT_IO=0`) to show what the page cache costs."""
+    share the cores; where the target has direct I/O (not tmpfs), once more with it
+    switched off (`FASTCKPT_DIRECT_IO=0`) to show what the page cache costs; and, as the
+    reference, the same bytes written by `dd` (`_RawWrites`)."""
     s = ctx.settings
     case = case_name(setup)
     nbytes = state_bytes(setup.model)
@@ -145,11 +150,10 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
         variants = [(default, True, True), (default, True, False), (other, True, False)]
         if filesystem(ctx.targets[target])["fstype"] != "tmpfs":
             variants.append((default, False, False))
+        path = ctx.path(target, "slowdown.weights.h5")
         for threads, direct, cycle in variants:
             with _direct_io(direct):
-                stats = _slowdown_rounds(
-                    ctx, setup, ctx.path(target, "slowdown.weights.h5"), threads, cycle
-                )
+                stats = _slowdown_rounds(ctx, setup, _Saves(setup, path, threads, cycle))
             n = stats["step_during_write"].runs if "step_during_write" in stats else []
             how = f"{threads} writer thread(s)" + ("" if direct else ", buffered")
             ctx.progress.say(
@@ -174,6 +178,23 @@ def run_slowdown(ctx: Context, setup: TrainingSetup) -> None:
                 direct_io=direct,
                 cycle=cycle,
             )
+        if floors.dd_available():
+            direct = filesystem(ctx.targets[target])["fstype"] != "tmpfs"
+            raw = _RawWrites(ctx.path(target, "slowdown.dd"), nbytes, direct)
+            stats = _slowdown_rounds(ctx, setup, raw)
+            ctx.progress.say(f"slowdown: {case} on {target}, dd: the raw write of the bytes")
+            ctx.add(
+                "slowdown",
+                target,
+                case,
+                RAW_WRITE + (", oflag=direct" if direct else ""),
+                stats,
+                family="floor",
+                state_bytes=nbytes,
+                threads=1,
+                direct_io=direct,
+                cycle=False,
+            )
         ctx.clear(target)
 
 
@@ -192,69 +213,134 @@ def _direct_io(on: bool):
             os.environ["FASTCKPT_DIRECT_IO"] = before
 
 
-def _slowdown_rounds(
-    ctx: Context, setup: TrainingSetup, path: str, threads: int, cycle: bool
-) -> dict:
-    """With `cycle`, each save writes into the file the save before it replaced, as
-    `ModelCheckpoint` does (`callbacks._kept`), after two saves not counted that make
-    the first files; without, every save writes a new file."""
+class _Saves:
+    """fastckpt's background saves of the model: with `cycle`, each into the file the save
+    before it replaced, as `ModelCheckpoint` does (`callbacks._kept`), after two saves
+    not counted that make the first files; without, every save into a new file."""
+
+    def __init__(self, setup: TrainingSetup, path: str, threads: int, cycle: bool) -> None:
+        self.setup, self.path, self.threads, self.cycle = setup, path, threads, cycle
+        self.spare: Any = None
+        if cycle:
+            for _ in range(2):
+                job = api.start_save(
+                    setup.model, path, background=True, threads=threads, keep_replaced=True
+                )
+                job.result()
+                self.spare = callbacks._kept(job) or self.spare
+
+    def start(self) -> Any:
+        model, spare = self.setup.model, self.spare
+        if not self.cycle:
+            return fastckpt.save(model, self.path, background=True, threads=self.threads)
+        return api.start_save(
+            model,
+            self.path,
+            background=True,
+            threads=self.threads,
+            reuse=None if spare is None else spare.path,
+            queue_after=[] if spare is None or spare.reserving is None else [spare.reserving],
+            keep_replaced=True,
+        )
+
+    @staticmethod
+    def done(job: Any) -> bool:
+        return bool(job.done())
+
+    def finish(self, job: Any) -> None:
+        job.result()
+        if self.cycle:
+            self.spare = callbacks._kept(job)
+        else:
+            remove(self.path)
+
+    def close(self) -> None:
+        if not self.cycle:
+            return
+        # The kept file, and the mappings kept of it and of the checkpoint.
+        if self.spare is not None:
+            if self.spare.reserving is not None:
+                self.spare.reserving.wait()
+            remove(self.spare.path)
+        _fastckpt.release_mappings()
+
+
+class _RawWrites:
+    """The same bytes written by `dd` at nice 19 in 8 MiB blocks, with direct I/O where
+    the target has it, then fdatasync'd: what the device's own write takes from training,
+    beside which the writer's is read (on this VM even a direct write, which takes
+    little CPU in the guest, slows the steps)."""
+
+    def __init__(self, path: str, nbytes: int, direct: bool) -> None:
+        blocks = -(-nbytes // (8 << 20))
+        self.cmd = ["nice", "-n", "19", "dd", "if=/dev/zero", f"of={path}", "bs=8M"]
+        self.cmd += [f"count={blocks}", "conv=fdatasync", "status=none"]
+        if direct:
+            self.cmd.append("oflag=direct")
+        self.path = path
+
+    def start(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.cmd, stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def done(proc: subprocess.Popen[str]) -> bool:
+        return proc.poll() is not None
+
+    def finish(self, proc: subprocess.Popen[str]) -> None:
+        _, err = proc.communicate()
+        remove(self.path)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(self.cmd)} failed: {err.strip()}")
+
+    def close(self) -> None:
+        pass
+
+
+def _slowdown_rounds(ctx: Context, setup: TrainingSetup, writes: _Saves | _RawWrites) -> dict:
+    """Windows of steps with nothing running, each followed by a write and the steps until
+    it is done."""
     quiet: list[float] = []
     during: list[float] = []
     blocked: list[float] = []
     write: list[float] = []
+    # What each write took from training in all: its steps' time over as many steps of
+    # the window before it (a writer that takes its CPU more slowly shows a smaller ratio
+    # over more steps; this is the same either way).
+    lost: list[float] = []
     i = 0
     window = 4
-    spare = None
-    if cycle:
-        for _ in range(2):
-            job = api.start_save(
-                setup.model, path, background=True, threads=threads, keep_replaced=True
-            )
-            job.result()
-            spare = callbacks._kept(job) or spare
-    for _ in range(ctx.settings.slowdown_saves):
-        gc.collect()
-        for _ in range(window):
-            t = time.perf_counter()
-            setup.step(i)
-            quiet.append(time.perf_counter() - t)
-            i += 1
-        start = time.perf_counter()
-        if cycle:
-            after = [] if spare is None or spare.reserving is None else [spare.reserving]
-            job = api.start_save(
-                setup.model,
-                path,
-                background=True,
-                threads=threads,
-                reuse=None if spare is None else spare.path,
-                queue_after=after,
-                keep_replaced=True,
-            )
-        else:
-            job = fastckpt.save(setup.model, path, background=True, threads=threads)
-        blocked.append(time.perf_counter() - start)
-        steps = 0
-        while not job.done():
-            t = time.perf_counter()
-            setup.step(i)
-            during.append(time.perf_counter() - t)
-            i += 1
-            steps += 1
-        job.result()
-        write.append(time.perf_counter() - start)
-        if cycle:
-            spare = callbacks._kept(job)
-        else:
-            remove(path)
-        window = max(4, steps)
-    if cycle:  # the kept file, and the mappings kept of it and of the checkpoint
-        if spare is not None:
-            if spare.reserving is not None:
-                spare.reserving.wait()
-            remove(spare.path)
-        _fastckpt.release_mappings()
-    stats = {"step_quiet": Stats(quiet), "blocked": Stats(blocked), "write": Stats(write)}
+    try:
+        for _ in range(ctx.settings.slowdown_saves):
+            gc.collect()
+            before = len(quiet)
+            for _ in range(window):
+                t = time.perf_counter()
+                setup.step(i)
+                quiet.append(time.perf_counter() - t)
+                i += 1
+            usual = statistics.median(quiet[before:])
+            start = time.perf_counter()
+            job = writes.start()
+            blocked.append(time.perf_counter() - start)
+            steps = 0
+            while not writes.done(job):
+                t = time.perf_counter()
+                setup.step(i)
+                during.append(time.perf_counter() - t)
+                i += 1
+                steps += 1
+            writes.finish(job)
+            write.append(time.perf_counter() - start)
+            lost.append(sum(during[len(during) - steps :]) - steps * usual)
+            window = max(4, steps)
+    finally:
+        writes.close()
+    stats = {
+        "step_quiet": Stats(quiet),
+        "blocked": Stats(blocked),
+        "write": Stats(write),
+        "lost_per_write": Stats(lost),
+    }
     if during:
         stats["step_during_write"] = Stats(during)
     return stats
