@@ -266,10 +266,11 @@ class _Saves:
 
 
 class _RawWrites:
-    """The same bytes written by `dd` at nice 19 in 8 MiB blocks, with direct I/O where
-    the target has it, then fdatasync'd: what the device's own write takes from training,
-    beside which the writer's is read (on this VM even a direct write, which takes
-    little CPU in the guest, slows the steps)."""
+    """The same bytes (rounded up to 8 MiB) written by `dd` at nice 19 in 8 MiB blocks,
+    with direct I/O where the target has it, then fdatasync'd: what the device's own write
+    takes from training, beside which the writer's is read. A direct write takes little
+    CPU in the process, yet where the device's work falls on the cores that train (a
+    virtual machine's disk) the steps still slow down."""
 
     def __init__(self, path: str, nbytes: int, direct: bool) -> None:
         blocks = -(-nbytes // (8 << 20))
