@@ -16,10 +16,14 @@ import mmap
 import os
 import statistics
 import tempfile
-import threading
-import time
 
-MIB = 1 << 20
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np
+
+from fastckpt.bench.floors import drop_from_page_cache, read_floor_parallel
+from fastckpt.bench.measure import MIB
+
 # (name, direct I/O, threads, piece size)
 METHODS = [
     ("page cache, 2 threads, 8 MiB", False, 2, 8 * MIB),
@@ -30,42 +34,6 @@ METHODS = [
     ("direct, 4 threads, 32 MiB", True, 4, 32 * MIB),
     ("direct, 16 threads, 2 MiB", True, 16, 2 * MIB),
 ]
-
-
-def drop(path: str) -> None:
-    """Evicts the file's pages (written and fsynced already) from the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
-def read(path: str, direct: bool, threads: int, piece: int) -> float:
-    """Seconds to read the whole file in `piece`-sized reads taken in file order by
-    `threads` threads, each into a buffer of its own (page-aligned, as direct I/O needs)."""
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-    size = os.fstat(fd).st_size
-    offsets = iter(range(0, size, piece))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        buf = mmap.mmap(-1, piece)
-        while True:
-            with lock:
-                at = next(offsets, None)
-            if at is None:
-                return
-            os.preadv(fd, [buf], at)
-
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
-    start = time.perf_counter()
-    try:
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - start
-    finally:
-        os.close(fd)
 
 
 def main() -> None:
@@ -81,11 +49,16 @@ def main() -> None:
                 f.write(os.urandom(MIB))
             f.flush()
             os.fsync(f.fileno())
+        # Page-aligned (a mapping), as direct reads need; the loaders' reads land in
+        # memory already touched too.
+        buf = np.frombuffer(mmap.mmap(-1, args.mib * MIB), np.uint8)
+        buf.fill(1)
         times: dict[str, list[float]] = {name: [] for name, *_ in METHODS}
         for _ in range(args.rounds):
             for name, direct, threads, piece in METHODS:
-                drop(path)
-                times[name].append(read(path, direct, threads, piece))
+                drop_from_page_cache(path)
+                seconds = read_floor_parallel(path, buf, threads, piece=piece, direct=direct)
+                times[name].append(seconds)
         for name, runs in times.items():
             each = " ".join(f"{s * 1e3:5.0f}" for s in runs)
             print(f"{name:28s} {each} ms   median {statistics.median(runs) * 1e3:.0f} ms")

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import subprocess
@@ -151,27 +152,41 @@ def read_floor(path: str, buf: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def read_floor_parallel(path: str, buf: np.ndarray, threads: int | None = None) -> float:
+def read_floor_parallel(
+    path: str,
+    buf: np.ndarray,
+    threads: int | None = None,
+    *,
+    piece: int = CHUNK,
+    direct: bool = False,
+) -> float:
     """Seconds for `threads` threads (default: one per core) to read all of `path` into
-    `buf`, taking `CHUNK`-byte pieces in file order (so the device sees one stream read
+    `buf`, taking `piece`-byte pieces in file order (so the device sees one stream read
     ahead, which it serves faster than distant shares): what the device gives when nothing
-    else is done with the bytes."""
+    else is done with the bytes. With `direct`, through `O_DIRECT` (no page cache): `buf`
+    must then start on a page and hold the file's size rounded up to a page, and `piece`
+    be a multiple of a page."""
     import concurrent.futures
     import itertools
 
     size = os.path.getsize(path)
     view = buf.data.cast("B")
-    if len(view) < size:
-        raise ValueError(f"read_floor_parallel: a {len(view)}-byte buffer for {size} bytes")
-    pieces = itertools.count(0, CHUNK)  # next() is atomic under the GIL
-    fd = os.open(path, os.O_RDONLY)
+    page = mmap.PAGESIZE
+    need = -(-size // page) * page if direct else size
+    if len(view) < need:
+        raise ValueError(f"read_floor_parallel: a {len(view)}-byte buffer for {need} bytes")
+    if direct and (buf.ctypes.data % page or piece % page):
+        raise ValueError("read_floor_parallel: direct reads need page-aligned memory and pieces")
+    pieces = itertools.count(0, piece)  # next() is atomic under the GIL
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
 
     def read() -> None:
         for at in pieces:
             if at >= size:
                 return
-            end = min(size, at + CHUNK)
-            while at < end:
+            # A direct read asks for whole pages; at the file's end it returns what is there.
+            end = min(need, at + piece)
+            while at < min(end, size):
                 got = os.preadv(fd, [view[at:end]], at)
                 if not got:
                     return
