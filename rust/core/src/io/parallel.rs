@@ -318,10 +318,9 @@ where
 /// every core busy, so the write was left for the next checkpoint to wait for; and a
 /// starved thread holding a kernel lock (the memory map while faulting pages in, a file's
 /// pages while writing) makes normal threads wait with it (README, "Training while a
-/// checkpoint is written"). An unprivileged thread cannot
-/// raise its priority again, so nothing waits on a writer's priority: when someone waits
-/// for a write, threads at the caller's priority join it and take the pieces left (see
-/// [`coordinate`]). Best effort.
+/// checkpoint is written"). An unprivileged thread cannot raise its priority again, so
+/// nothing waits on a writer's priority: when someone waits for a write, threads at the
+/// caller's priority join it and take the pieces left (see [`coordinate`]). Best effort.
 pub(crate) fn background_priority() {
     // SAFETY: plain syscall; on Linux `who = 0` with PRIO_PROCESS names the calling thread.
     unsafe {
