@@ -8,7 +8,7 @@ the builtin `OSError` subclasses (with errno and path) or `fastckpt.CheckpointEr
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from typing_extensions import disjoint_base, final
@@ -191,6 +191,10 @@ class PlannedFile:
     @property
     def length(self) -> int:
         """Its length in bytes (for a compressed container, the most it can take)."""
+    def slots(self) -> list[tuple[int, int, int]]:
+        """Where each payload held in memory goes: `(offset in the file, address of its
+        bytes, length)`, in file order; empty for a compressed container (laid out as it is
+        written) and once handed to `write()`."""
 
 @disjoint_base
 class Attr:
@@ -416,6 +420,33 @@ def release_mappings(files: Sequence[tuple[int, int]] | None = None) -> int:
 
 def kept_mappings() -> int:
     """How many mappings of files written again and again this process keeps."""
+
+@final
+class KeptRegion:
+    """The memory of a file in memory, lent from the mapping this process keeps of it, for
+    a snapshot to copy each payload straight to its place in the file (`kept_region`).
+    numpy arrays over it (`numpy.asarray(region)`) keep it, and so the mapping, alive."""
+
+    @property
+    def length(self) -> int:
+        """Bytes that may be stored to, from the file's start."""
+    @property
+    def address(self) -> int:
+        """The address of the file's first byte in this process."""
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        """numpy's array interface: the region as writable bytes."""
+
+def kept_region(path: _Path, length: int = 0) -> KeptRegion | None:
+    """The memory of `path`, a kept file in memory that this process writes through a
+    kept mapping (a callback's spare, on tmpfs), lent for a snapshot to copy into: the next
+    write into that file (`WriteOptions(reuse=path)`) then copies nothing of the payloads
+    found at their places in it. At least `length` bytes (a shorter file is lengthened,
+    with zeros, as far as its mapping spans). None where no mapping of it is kept (not in
+    memory, not ready yet, or let go), or it cannot be that long.
+
+    Stores into it must go to the next write of that file and nowhere else: until that
+    write, the file's old content is overwritten in place."""
 
 def sweep_stale_temps(folder: _Path) -> int:
     """Removes the temp files of dead fastckpt writers in `folder`; returns how many."""

@@ -18,6 +18,13 @@ This is the only stage on the training thread, so it is built for speed:
   the first step), memory of the size it is expected to need is faulted in meanwhile
   (`warm_block`) and becomes the arena once the plan exists, if it is large enough.
   Pinned memory is resident from the start.
+- Taking it into the file: where the save writes into a kept file in memory (a callback's
+  checkpoint on tmpfs, `keep_replaced`), whose mapping this process keeps
+  (`_fastckpt.kept_region`), large variables are copied straight to their places in that
+  file, as the last file planned for the same target laid them out (`Snapshotter.into`):
+  the write then copies none of them, and takes next to nothing from training. The write
+  checks each one is where its file's layout puts it; where the layout has moved since
+  (`Snapshotter.placed`), the save copies them out and plans again.
 - Holding: a save that nothing will train past before it is written (a synchronous save,
   or the last checkpoint of a `fit`) holds the variables' own host buffers instead of
   copying. Under TensorFlow that is always safe: it copies a variable's buffer on write
@@ -36,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -186,6 +193,9 @@ class Snapshotter:
                     self._specs.append((i, shape, dtype))
         #: Host memory one snapshot buffer (arena) takes.
         self.buffer_bytes = arena_bytes([nbytes(s, d) for _, s, d in self._specs])
+        # Where the last file planned for each target put each value of the arena, by the
+        # value's index: its offset in the file (see `into`). A few targets at most.
+        self._placed: dict[Hashable, dict[int, int]] = {}
 
     def prepare(
         self, buffers: int, owner: object = None, warm: Sequence[WarmBlock] = ()
@@ -226,13 +236,64 @@ class Snapshotter:
             arena.job = _Reserved()
             return arena
 
-    def take(self, hold: bool = False, background: bool = False) -> Snapshot:
-        """Host arrays of every value, copied into a free arena, or with `hold` the
-        backend's own host buffers: always for a synchronous save (nothing steps before it
-        returns), for a background one only where they outlive training steps."""
+    def into(self, target: Hashable, path: str) -> tuple[Any, dict[int, np.ndarray]] | None:
+        """The memory of the kept file `path` that a save of `target` writes into
+        (`_fastckpt.kept_region`), and views of it by value index at the places where the
+        last file planned for `target` put each value of the arena; None where those are
+        not known, the file's memory is not lent, or the values come from a device (they
+        go through the pinned arena)."""
+        placed = self._placed.get(target)
+        if placed is None or self._read is None or self._read.on_device or not self._specs:
+            return None
+        ends = [placed.get(i, -1) + nbytes(shape, dtype) for i, shape, dtype in self._specs]
+        if any(placed.get(i) is None for i, _, _ in self._specs):
+            return None
+        region = _fastckpt.kept_region(path, max(ends))
+        if region is None:
+            return None
+        memory = np.asarray(region)
+        views = {}
+        for index, shape, dtype in self._specs:
+            at = placed[index]
+            if at % dtype.alignment:
+                return None
+            views[index] = memory[at : at + nbytes(shape, dtype)].view(dtype).reshape(shape)
+        return region, views
+
+    def placed(
+        self, target: Hashable, arrays: Sequence[np.ndarray], slots: Sequence[tuple[int, int, int]]
+    ) -> dict[int, int]:
+        """Learns where a file planned for `target` puts each value of the arena, from its
+        `slots()` and the arrays it was planned from; returns the offsets, by value index
+        (values it holds no slot for left out)."""
+        offsets = {address: offset for offset, address, _ in slots}
+        placed = {}
+        for index, _, _ in self._specs:
+            at = offsets.get(_address(arrays[index]))
+            if at is not None:
+                placed[index] = at
+        with self._lock:
+            self._placed.pop(target, None)
+            self._placed[target] = placed
+            while len(self._placed) > _TARGETS_PLACED:
+                del self._placed[next(iter(self._placed))]
+        return placed
+
+    def take(
+        self,
+        hold: bool = False,
+        background: bool = False,
+        into: Mapping[int, np.ndarray] | None = None,
+    ) -> Snapshot:
+        """Host arrays of every value, copied into a free arena (or into `into`, views by
+        value index of a kept file's memory, from `into()`), or with `hold` the backend's
+        own host buffers: always for a synchronous save (nothing steps before it returns),
+        for a background one only where they outlive training steps."""
         read = self._read
         if read is None:
             return Snapshot([to_host(e.source) for e in self._entries], None)
+        if into is not None:
+            return Snapshot(read.read_into(dict(into), {}), None)
         lend = hold and not read.on_device and (not background or read.views_outlive_steps)
         if not self._specs or lend:
             arrays = read()
@@ -246,6 +307,15 @@ class Snapshotter:
         except BaseException:
             arena.job = None
             raise
+
+
+# Targets whose layout a snapshotter remembers (a callback's checkpoint and its backup's).
+_TARGETS_PLACED = 4
+
+
+def _address(array: np.ndarray) -> int:
+    address: int = array.__array_interface__["data"][0]
+    return address
 
 
 # Snapshotters are made on the training thread and on the callbacks' readying thread.
@@ -264,13 +334,19 @@ def snapshotter_for(plan: SavePlan, values: Mapping[int, Any] | None = None) -> 
     return snapper
 
 
-def snapshot(plan: SavePlan, *, hold: bool = False, background: bool = False) -> Snapshot:
+def snapshot(
+    plan: SavePlan,
+    *,
+    hold: bool = False,
+    background: bool = False,
+    into: Mapping[int, np.ndarray] | None = None,
+) -> Snapshot:
     """Host arrays of every value in the plan, in plan order.
 
     With `hold` (for a save that no training step will pass before it is written: a
     synchronous save, or the last checkpoint of a `fit`), large variables are lent as the
     backend's own buffers instead of copied into the arena, where that is safe: no copy
     and no arena memory. A background save during training must not hold (README,
-    "Choosing the snapshot").
+    "Choosing the snapshot"). `into`: see `Snapshotter.take`.
     """
-    return snapshotter_for(plan).take(hold, background)
+    return snapshotter_for(plan).take(hold, background, into)

@@ -366,8 +366,14 @@ def start_save(
         for earlier in queue_after:
             earlier.wait()
         queue_after = ()
+    hold = not background if hold is None else hold
+    # Where the layout of the last such file is known, a background save into a kept file
+    # in memory takes its snapshot straight into that file (`Snapshotter.into`).
+    target = (fmt.name, path, include_optimizer, weights_only, max_shard_size, extra is None)
+    lent = snapshotter_for(plan).into(target, reuse) if writer and background and reuse else None
+    region, into = (None, None) if lent is None or hold else lent
     if writer:
-        snap = snapshot(plan, hold=not background if hold is None else hold, background=background)
+        snap = snapshot(plan, hold=hold, background=background, into=into)
     else:
         # Only planned here, and released before any step: the backend's own buffers serve,
         # with no copy and no arena.
@@ -394,7 +400,16 @@ def start_save(
             previous_suffix=previous_suffix,
             progress=progress,
         )
-        files = fmt.plan(request) + [_fastckpt.plan_bytes(p, data) for p, data in companions]
+        files = fmt.plan(request)
+        if writer and len(files) == 1 and not hold:
+            placed = snapshotter_for(plan).placed(target, snap.arrays, files[0].slots())
+            if into is not None and region is not None and not _in_place(into, placed, region):
+                # The layout moved since the places were learnt (longer metadata): the
+                # values go to the writer as copies, to be written to their new places.
+                arrays = [np.array(a) if i in into else a for i, a in enumerate(snap.arrays)]
+                request = dataclasses.replace(request, arrays=arrays)
+                files = fmt.plan(request)
+        files += [_fastckpt.plan_bytes(p, data) for p, data in companions]
         if not writer:
             snap.release()
             return SaveJob(_WrittenElsewhere(), path, started)
@@ -404,6 +419,16 @@ def start_save(
         raise
     snap.lend_to(job)
     return SaveJob(job, path, started, handed_off)
+
+
+def _in_place(
+    views: Mapping[int, np.ndarray], placed: Mapping[int, int], region: _fastckpt.KeptRegion
+) -> bool:
+    """Whether each view of a kept file's memory is where the file planned puts it."""
+    return all(
+        placed.get(i) == view.__array_interface__["data"][0] - region.address
+        for i, view in views.items()
+    )
 
 
 def _save_parts(

@@ -96,6 +96,8 @@ fn _fastckpt(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::release_mappings, m)?)?;
     m.add_function(wrap_pyfunction!(memory::map_kept, m)?)?;
     m.add_function(wrap_pyfunction!(memory::kept_mappings, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::kept_region, m)?)?;
+    m.add_class::<memory::PyKeptRegion>()?;
     m.add_function(wrap_pyfunction!(device::copy_from_dlpack, m)?)?;
     m.add_function(wrap_pyfunction!(device::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(device::pin_host, m)?)?;

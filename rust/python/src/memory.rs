@@ -8,6 +8,7 @@ use fastckpt_core::{host, Output};
 use numpy::PyUntypedArray;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::arrays::{readable_source, writable_dest, HeldArray};
 use crate::job::{PyJob, When};
@@ -148,4 +149,57 @@ pub fn release_mappings(py: Python<'_>, files: Option<Vec<(u64, u64)>>) -> usize
 #[pyfunction]
 pub fn kept_mappings() -> usize {
     io::kept_mappings()
+}
+
+/// The memory of a file in memory, lent from the mapping this process keeps of it, for a
+/// snapshot to copy each payload straight to its place in the file (see `kept_region`).
+/// numpy arrays over it (`numpy.asarray(region)`) keep it, and so the mapping, alive.
+#[pyclass(name = "KeptRegion", module = "fastckpt._fastckpt", frozen)]
+pub struct PyKeptRegion {
+    region: io::LentRegion,
+}
+
+#[pymethods]
+impl PyKeptRegion {
+    /// Bytes that may be stored to, from the file's start.
+    #[getter]
+    fn length(&self) -> usize {
+        self.region.len()
+    }
+
+    /// The address of the file's first byte in this process.
+    #[getter]
+    fn address(&self) -> usize {
+        self.region.as_mut_ptr() as usize
+    }
+
+    /// numpy's array interface: the region as writable bytes.
+    #[getter]
+    fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let interface = PyDict::new(py);
+        interface.set_item("shape", (self.region.len(),))?;
+        interface.set_item("typestr", "|u1")?;
+        interface.set_item("data", (self.address(), false))?;
+        interface.set_item("version", 3)?;
+        Ok(interface)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<KeptRegion of {} bytes>", self.region.len())
+    }
+}
+
+/// The memory of `path`, a kept file in memory that this process writes through a kept
+/// mapping (a callback's spare, on tmpfs), lent for a snapshot to copy into: the next
+/// write into that file (`WriteOptions(reuse=path)`) then copies nothing of the payloads
+/// found at their places in it. At least `length` bytes (a shorter file is lengthened,
+/// with zeros, as far as its mapping spans). None where no mapping of it is kept (not in
+/// memory, not ready yet, or let go), or it cannot be that long.
+///
+/// Stores into it must go to the next write of that file and nowhere else: until that
+/// write, the file's old content is overwritten in place.
+#[pyfunction]
+#[pyo3(signature = (path, length=0))]
+pub fn kept_region(path: PathBuf, length: u64) -> Option<PyKeptRegion> {
+    io::lend(&path, length).map(|region| PyKeptRegion { region })
 }

@@ -48,6 +48,29 @@ pub struct PyPlannedFile {
 
 #[pymethods]
 impl PyPlannedFile {
+    /// Where each payload held in memory goes: `(offset in the file, address of its bytes,
+    /// length)`, in file order; empty for a compressed container (laid out as it is
+    /// written) and once handed to `write()`.
+    fn slots(&self) -> Vec<(u64, usize, u64)> {
+        let planned = self.planned.lock().unwrap();
+        let Some(Planned {
+            content: Content::Laid { layout, tensors },
+            ..
+        }) = planned.as_ref()
+        else {
+            return Vec::new();
+        };
+        layout
+            .slots()
+            .iter()
+            .filter_map(|s| {
+                let t = &tensors[s.tensor];
+                t.in_memory()
+                    .map(|bytes| (s.offset, bytes.as_ptr() as usize, t.nbytes()))
+            })
+            .collect()
+    }
+
     fn __repr__(&self) -> String {
         format!("<PlannedFile {:?}, {} bytes>", self.path, self.length)
     }

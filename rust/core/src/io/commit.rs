@@ -257,7 +257,10 @@ pub(crate) fn write_temp(
         .collect();
     let pieces = plan_pieces(&items, true);
     let digests = Digests::new(layout.digest(), slots.len());
-    let direct = if opts.direct_io {
+    // A file a snapshot was taken into (a lent region of its mapping) is written through
+    // that mapping, where the payloads are already.
+    let lent = reused && mapped::is_lent(&file);
+    let direct = if opts.direct_io && !lent {
         DirectFile::open(temp)
     } else {
         None
@@ -267,6 +270,20 @@ pub(crate) fn write_temp(
     // write is waited for (see `mapped.rs`), the space allocated by now (a full tmpfs has
     // already failed above).
     let kept = direct.is_none().then(|| mapped::take(&file)).flatten();
+    if lent {
+        let map = kept.as_ref().ok_or_else(|| {
+            Error::invalid(format!(
+                "{}: the kept file a snapshot was taken into can no longer be mapped",
+                target.display()
+            ))
+        })?;
+        let payloads = slots.iter().map(|s| {
+            let t = &tensors[s.tensor];
+            (t.name.as_str(), t.in_memory(), s.offset)
+        });
+        map.check_sources(payloads)
+            .map_err(|e| Error::invalid(format!("{}: {e}", target.display())))?;
+    }
     let mapping: OnceLock<Option<MappedFile>> = OnceLock::new();
     let whole = kept.is_some();
     if let Some(map) = kept {

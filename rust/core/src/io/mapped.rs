@@ -42,7 +42,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use super::parallel::{plan_pieces, run_pieces_with, Width};
 
@@ -50,24 +50,40 @@ const PAGE: usize = 4096;
 /// From linux/mman.h (Linux 5.14).
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
+/// A shared, writable mapping of a file, unmapped once its last holder lets go: the
+/// write using it, the list of kept mappings, and a region of it lent out ([`lend`]).
+pub(crate) struct Mapping {
+    ptr: *mut u8,
+    /// Bytes mapped, from the file's start.
+    span: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; who stores into which range is the holders'
+// business (a write's pieces never share a range; a lent region is stored to only by the
+// snapshot, before the write that uses it begins).
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `MappedFile::open`, which nobody
+        // holds any more.
+        unsafe { libc::munmap(self.ptr.cast(), self.span) };
+    }
+}
+
 /// A shared, writable mapping of a file whose pages all exist in `[0, len)`.
 pub(crate) struct MappedFile {
-    ptr: *mut u8,
-    /// Bytes mapped: `len` and room beyond it, so that a kept mapping still covers its
-    /// file when a later write makes the file a little longer (a reserved file holds the
-    /// payloads' bytes, the file written into it the metadata too). Past the file's end a
-    /// store raises SIGBUS: only `[0, len)` is ever stored to.
-    span: usize,
+    /// The mapping: `len` bytes and room beyond them, so that a kept mapping still covers
+    /// its file when a later write makes the file a little longer (a reserved file holds
+    /// the payloads' bytes, the file written into it the metadata too). Past the file's
+    /// end a store raises SIGBUS: only `[0, len)` is ever stored to.
+    map: Arc<Mapping>,
     /// Bytes that may be stored to: the file holds allocated pages for all of them.
     len: usize,
     /// `[0, populated)` is faulted in already (a kept mapping): a write there only copies.
     populated: usize,
 }
-
-// SAFETY: the mapping is plain shared memory; `write_all_at` writes through raw pointers
-// into ranges that the callers (the writer's pieces) never share between threads.
-unsafe impl Send for MappedFile {}
-unsafe impl Sync for MappedFile {}
 
 /// Whether `file` has allocated pages for all of `[0, len)`: no hole a store could need
 /// room for, and nothing past the end.
@@ -104,8 +120,10 @@ impl MappedFile {
             return None;
         }
         Some(MappedFile {
-            ptr: ptr.cast(),
-            span,
+            map: Arc::new(Mapping {
+                ptr: ptr.cast(),
+                span,
+            }),
             len,
             populated: 0,
         })
@@ -126,7 +144,7 @@ impl MappedFile {
             // while the mapping lives.
             unsafe {
                 crate::host::prefault(
-                    shared.ptr.add(end - piece.span as usize),
+                    shared.ptr().add(end - piece.span as usize),
                     piece.span as usize,
                 )
             };
@@ -141,11 +159,17 @@ impl MappedFile {
         self.range_end(offset, len).is_ok()
     }
 
-    /// Copies `bytes` to `offset` of the file. With `populate`, the pages not yet faulted
-    /// in are populated first (holding the process's memory-map lock: only for a write
-    /// somebody waits for); without, the copy faults them in itself.
+    /// Copies `bytes` to `offset` of the file, unless they are there already (a snapshot
+    /// taken into a lent region of this mapping, [`lend`]). With `populate`, the pages not
+    /// yet faulted in are populated first (holding the process's memory-map lock: only for
+    /// a write somebody waits for); without, the copy faults them in itself.
     pub fn write_all_at(&self, bytes: &[u8], offset: u64, populate: bool) -> io::Result<()> {
         let end = self.range_end(offset, bytes.len())?;
+        // SAFETY: `end - len` lies inside the mapping (checked above).
+        let dest = unsafe { self.ptr().add(end - bytes.len()) };
+        if std::ptr::eq(dest.cast_const(), bytes.as_ptr()) {
+            return Ok(());
+        }
         // Best effort: where the kernel has no MADV_POPULATE_WRITE (before 5.14) the copy
         // faults the pages itself.
         if populate && end > self.populated {
@@ -153,13 +177,35 @@ impl MappedFile {
             let _ = self.populate(from as u64, end - from);
         }
         // SAFETY: `[end - len, end)` lies inside `[0, len)` (checked above), stored to only
-        // while the mapping lives; `bytes` cannot overlap it (a caller's buffer).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.ptr.add(end - bytes.len()),
-                bytes.len(),
-            );
+        // while the mapping lives; `bytes` cannot overlap it: a caller's buffer, or a range
+        // of this mapping that `check_sources` found at exactly this place (returned above).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dest, bytes.len()) };
+        Ok(())
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.map.ptr
+    }
+
+    /// Checks that no payload about to be written into this file is read from this
+    /// mapping anywhere but at its own place in the file (a snapshot into a lent region
+    /// puts each there): one read from elsewhere could be overwritten by another's write
+    /// before it is read.
+    pub fn check_sources<'a>(
+        &self,
+        payloads: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>, u64)>,
+    ) -> std::result::Result<(), String> {
+        let (start, end) = (self.ptr() as usize, self.ptr() as usize + self.map.span);
+        for (name, bytes, offset) in payloads {
+            let Some(bytes) = bytes else { continue };
+            let at = bytes.as_ptr() as usize;
+            let inside = at < end && at + bytes.len() > start;
+            if inside && at.checked_sub(start) != usize::try_from(offset).ok() {
+                return Err(format!(
+                    "{name}: its bytes lie in the file being written, at {} instead of {offset}",
+                    at.wrapping_sub(start)
+                ));
+            }
         }
         Ok(())
     }
@@ -170,8 +216,13 @@ impl MappedFile {
         let end = self.range_end(offset, len)?;
         let start = (end - len) & !(PAGE - 1);
         // SAFETY: a range of this mapping, which lives as long as `self`.
-        let rc =
-            unsafe { libc::madvise(self.ptr.add(start).cast(), end - start, MADV_POPULATE_WRITE) };
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr().add(start).cast(),
+                end - start,
+                MADV_POPULATE_WRITE,
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
@@ -190,13 +241,6 @@ impl MappedFile {
                     format!("{len} bytes at {offset} lie past the mapped {}", self.len),
                 )
             })
-    }
-}
-
-impl Drop for MappedFile {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `open`, no longer referenced.
-        unsafe { libc::munmap(self.ptr.cast(), self.span) };
     }
 }
 
@@ -250,7 +294,7 @@ pub(crate) fn keep(file: &File, mut map: MappedFile) {
     map.populated = map.len;
     // SAFETY: advice on exactly this mapping. Best effort: a child that inherits it holds
     // the file's memory until it exits or execs, nothing worse.
-    unsafe { libc::madvise(map.ptr.cast(), map.span, libc::MADV_DONTFORK) };
+    unsafe { libc::madvise(map.ptr().cast(), map.map.span, libc::MADV_DONTFORK) };
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
     sweep(&mut kept);
     kept.retain(|k| k.id != id); // (an older mapping of the same file: let go)
@@ -271,19 +315,119 @@ pub(crate) fn keep(file: &File, mut map: MappedFile) {
 const MOST_KEPT: usize = 8;
 
 /// The kept mapping of `file`, if there is one, able to store to as much of the file as it
-/// spans and the file holds pages for (call once the file is sized for the write).
+/// spans and the file holds pages for (call once the file is sized for the write). A
+/// mapping lent out ([`lend`]) serves even once it is no longer kept: the snapshot has put
+/// the payloads in it.
 pub(crate) fn take(file: &File) -> Option<MappedFile> {
     let id = identity(file)?;
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
     sweep(&mut kept);
-    let at = kept.iter().position(|k| k.id == id)?;
-    let mut map = kept.swap_remove(at).map;
+    let map = match kept.iter().position(|k| k.id == id) {
+        Some(at) => kept.swap_remove(at).map,
+        None => {
+            let map = lent(id)?;
+            let populated = map.span;
+            MappedFile {
+                map,
+                len: 0,
+                populated,
+            }
+        }
+    };
     drop(kept);
     let held = usize::try_from(file.metadata().ok()?.len()).ok()?;
-    map.len = held.min(map.span);
+    let mut map = map;
+    map.len = held.min(map.map.span);
     map.populated = map.populated.min(map.len);
     // Cut or punched since (by someone else: our own files keep their pages): let it go.
     allocated(file, map.len as u64).then_some(map)
+}
+
+/// The memory of a kept mapping, lent out so that a snapshot copies each payload straight
+/// to its place in the file that the next write into it ([`take`]) fills: that write then
+/// copies nothing. Only the bytes the file held pages for when it was lent are in it.
+pub struct LentRegion {
+    map: Arc<Mapping>,
+    len: usize,
+}
+
+impl LentRegion {
+    /// The first byte of the file in memory.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.map.ptr
+    }
+
+    /// Bytes that may be stored to, from the file's start.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing may be stored to.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Regions lent out, by file, while anybody holds them (and the process that lent them: a
+/// forked child has the entries, not the mappings).
+type Lent = (u32, (u64, u64), Weak<Mapping>);
+static LENT: Mutex<Vec<Lent>> = Mutex::new(Vec::new());
+
+/// Lends the memory of the kept mapping of `path` (a file in memory, written through it and
+/// kept for its next write, every page faulted in), at least `len` bytes of it: a file a
+/// little shorter (a reserved file holds the payloads' bytes, not the metadata's) is
+/// lengthened, where the mapping spans that far. None where there is no such mapping. The
+/// mapping stays mapped while the region lives, kept or not.
+///
+/// Whoever stores into the region must hand its stores to the next write of that file and
+/// to nothing else: a region is not locked against other holders.
+pub fn lend(path: &Path, len: u64) -> Option<LentRegion> {
+    let file = File::options().read(true).write(true).open(path).ok()?;
+    let id = identity(&file)?;
+    let len = usize::try_from(len).ok()?;
+    let region = {
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        sweep(&mut kept);
+        let k = kept.iter_mut().find(|k| k.id == id)?;
+        let map = &mut k.map;
+        if len > map.len {
+            // New pages past the end: allocated (so a store finds room), and zeros.
+            if len > map.map.span {
+                return None;
+            }
+            let more = (len - map.len) as libc::off_t;
+            // SAFETY: plain syscall on an open descriptor.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, map.len as libc::off_t, more) };
+            if rc != 0 {
+                return None;
+            }
+            map.len = len;
+        }
+        LentRegion {
+            map: Arc::clone(&map.map),
+            len: map.len,
+        }
+    };
+    let pid = std::process::id();
+    let mut lent = LENT.lock().unwrap_or_else(|e| e.into_inner());
+    lent.retain(|(by, _, map)| *by == pid && map.strong_count() > 0);
+    lent.push((pid, id, Arc::downgrade(&region.map)));
+    Some(region)
+}
+
+/// The mapping of the file `id` that a region lent out still holds.
+fn lent(id: (u64, u64)) -> Option<Arc<Mapping>> {
+    let pid = std::process::id();
+    let lent = LENT.lock().unwrap_or_else(|e| e.into_inner());
+    lent.iter()
+        .filter(|(by, of, _)| *by == pid && *of == id)
+        .find_map(|(_, _, map)| map.upgrade())
+}
+
+/// Whether a region of a mapping of `file` is lent out: its next write goes through that
+/// mapping (not with direct I/O), where the snapshot put the payloads.
+pub(crate) fn is_lent(file: &File) -> bool {
+    identity(file).is_some_and(|id| lent(id).is_some())
 }
 
 /// Whether `path` is a file in memory whose mapping is not kept: a file a write keeps
@@ -489,6 +633,53 @@ mod tests {
         assert!(is_kept(&b), "a file not named keeps its mapping");
         release_mappings(Some(&[identity(&b).unwrap()]));
         assert!(!is_kept(&b));
+    }
+
+    #[test]
+    fn a_lent_region_is_the_mapping_the_next_write_takes() {
+        let dir = memory_folder();
+        let len = 8 * 4096;
+        let file = in_memory_file(&dir, "lent", len);
+        keep(&file, MappedFile::open(&file, len).unwrap());
+        let first = lend(&dir.path().join("lent"), 0).expect("a kept mapping to lend");
+        assert_eq!(first.len(), len as usize);
+        drop(first);
+        // Longer, for a file a little longer than the one kept: room allocated.
+        let region = lend(&dir.path().join("lent"), len + 100).expect("room in the span");
+        assert_eq!(region.len(), len as usize + 100);
+        assert!(file.metadata().unwrap().len() >= len + 100);
+        assert!(
+            lend(&dir.path().join("lent"), 1 << 30).is_none(),
+            "past the span"
+        );
+        // A snapshot's store, straight to its place in the file.
+        // SAFETY: inside the region, which lives until the end of the test.
+        let stored = unsafe {
+            std::ptr::write_bytes(region.as_mut_ptr().add(4096), 5, 4096);
+            std::slice::from_raw_parts(region.as_mut_ptr().add(4096), 4096)
+        };
+        // No longer kept (released, or pushed out by newer ones), the mapping still serves
+        // the next write of the file: the payload is in it.
+        release_mappings(Some(&[identity(&file).unwrap()]));
+        let map = take(&file).expect("the lent mapping");
+        assert_eq!(map.ptr(), region.as_mut_ptr());
+        assert!(map.check_sources([("w", Some(stored), 4096)]).is_ok());
+        let misplaced = map.check_sources([("w", Some(stored), 8192)]).unwrap_err();
+        assert!(
+            misplaced.starts_with("w: ") && misplaced.contains("4096"),
+            "{misplaced}"
+        );
+        let elsewhere = [1u8; 16];
+        assert!(map.check_sources([("x", Some(&elsewhere[..]), 0)]).is_ok());
+        map.write_all_at(stored, 4096, false).unwrap(); // in place: nothing to copy
+        map.write_all_at(&[7u8; 8], 0, false).unwrap();
+        drop(map);
+        let mut back = vec![0u8; 2 * 4096];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..8], &[7u8; 8]);
+        assert!(back[4096..].iter().all(|&b| b == 5));
+        drop(region);
+        assert!(take(&file).is_none(), "let go with the region");
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub use commit::{
     reserve_spare, reserve_spare_at, write_body, write_file, write_file_keeping, Body, Progress,
     WriteOptions, Written,
 };
-pub use mapped::{kept_mappings, map_kept, needs_mapping, release_mappings};
+pub use mapped::{kept_mappings, lend, map_kept, needs_mapping, release_mappings, LentRegion};
 pub use parallel::combine;
 pub use parallel::BACKGROUND_NICE;
 pub(crate) use parallel::{coordinate, note_caller_priority};
