@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import fastckpt
+from callback_support import h5_datasets
 from fastckpt import _fastckpt, _snapshot, api, callbacks
 from oracles import stock_arrays
 
@@ -93,6 +94,38 @@ def test_a_callbacks_later_snapshots_go_straight_into_its_kept_file(
     background = takes[:5]
     assert background[0] is False, "the first save cannot know the layout"
     assert all(background[1:]), f"snapshots taken into the file: {background}"
+
+
+def test_a_backups_later_snapshots_go_straight_into_its_kept_file(
+    memory_folder: Path, tmp_path: Path, takes: list[bool]
+) -> None:
+    """`BackupAndRestore` on tmpfs, a backup every epoch (each taken as the next epoch
+    begins): the later ones are taken into the kept file, and each holds, at
+    Keras's own paths, what Keras's `save_weights` writes at that step."""
+    model = _model()
+    backup = fastckpt.BackupAndRestore(
+        str(memory_folder / "backup"), delete_checkpoint=False, save_on_background=True
+    )
+    checked: list[int] = []
+
+    class After(keras.callbacks.Callback):  # placed after the backup callback
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            if backup._job is None:
+                return
+            backup._wait()
+            oracle = tmp_path / f"keras-{len(checked)}.weights.h5"
+            self.model.save_weights(oracle)
+            theirs, ours = h5_datasets(oracle), h5_datasets(Path(backup._weights_path))
+            assert theirs
+            for path, value in theirs.items():
+                np.testing.assert_array_equal(ours[path], value, err_msg=path)
+            checked.append(epoch)
+
+    x = np.random.default_rng(0).random((32, 256), dtype=np.float32)
+    model.fit(x, x[:, :256], epochs=6, batch_size=16, verbose=0, callbacks=[backup, After()])
+    assert len(checked) == 5, checked
+    background = takes[:5]
+    assert all(background[2:]), f"snapshots taken into the file: {background}"
 
 
 def _spare_after(job: api.SaveJob) -> str | None:

@@ -36,6 +36,14 @@
 //! [`release_mappings`] (a callback, when training ends or a save's error ends it), and
 //! only the newest few are kept. They are not inherited by a forked child
 //! (`MADV_DONTFORK`).
+//!
+//! A kept mapping's memory can be lent out ([`lend`]): a snapshot then copies each payload
+//! straight to its place in the file, and the next write of that file copies nothing of
+//! what it finds in place ([`MappedFile::write_all_at`]). The mapping is shared between
+//! the writer, the kept list and the regions lent out, and unmapped once the last of them
+//! lets go, so the write finds the mapping the snapshot used even once it is no longer
+//! kept. A payload that lies in the mapping at another place than its own is refused
+//! ([`MappedFile::check_sources`]): another payload's copy could overwrite it first.
 
 use std::fs::File;
 use std::io;
