@@ -152,6 +152,16 @@ def fit_with(
     )
 
 
+def ready_spares(ckpt: Any) -> None:
+    """Waits until a fastckpt `ModelCheckpoint` has readied its first save and every file
+    it reserved or kept to write into is complete (its next save then finds them ready)."""
+    ckpt._ready()
+    for kept in ckpt._spares.values():
+        for spare in kept:
+            if spare.reserving is not None:
+                spare.reserving.wait(60)
+
+
 def callback_warnings(caught: list[warnings.WarningMessage]) -> list[tuple[type, str]]:
     """(category, text) of the warnings, less deprecations: those are about library
     internals (Keras's tensor-to-numpy conversion warns once per variable it saves), not

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import fastckpt
-from callback_support import h5_datasets
+from callback_support import h5_datasets, ready_spares
 from fastckpt import _fastckpt, _snapshot, api, callbacks
 from oracles import stock_arrays
 
@@ -71,11 +71,7 @@ def test_a_callbacks_later_snapshots_go_straight_into_its_kept_file(
 
     class Before(keras.callbacks.Callback):  # placed before the checkpoint callback
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-            ckpt._ready()
-            for kept in ckpt._spares.values():  # every reserved file complete
-                for spare in kept:
-                    if spare.reserving is not None:
-                        spare.reserving.wait(60)
+            ready_spares(ckpt)
 
     class After(keras.callbacks.Callback):
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
