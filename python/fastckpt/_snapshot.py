@@ -245,10 +245,10 @@ class Snapshotter:
         placed = self._placed.get(target)
         if placed is None or self._read is None or self._read.on_device or not self._specs:
             return None
-        ends = [placed.get(i, -1) + nbytes(shape, dtype) for i, shape, dtype in self._specs]
-        if any(placed.get(i) is None for i, _, _ in self._specs):
+        if any(i not in placed for i, _, _ in self._specs):
             return None
-        region = _fastckpt.kept_region(path, max(ends))
+        end = max(placed[i] + nbytes(shape, dtype) for i, shape, dtype in self._specs)
+        region = _fastckpt.kept_region(path, end)
         if region is None:
             return None
         memory = np.asarray(region)

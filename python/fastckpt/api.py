@@ -370,8 +370,10 @@ def start_save(
     # Where the layout of the last such file is known, a background save into a kept file
     # in memory takes its snapshot straight into that file (`Snapshotter.into`).
     target = (fmt.name, path, include_optimizer, weights_only, max_shard_size, extra is None)
-    lent = snapshotter_for(plan).into(target, reuse) if writer and background and reuse else None
-    region, into = (None, None) if lent is None or hold else lent
+    lent = None
+    if writer and background and reuse and not hold:
+        lent = snapshotter_for(plan).into(target, reuse)
+    region, into = (None, None) if lent is None else lent
     if writer:
         snap = snapshot(plan, hold=hold, background=background, into=into)
     else:
