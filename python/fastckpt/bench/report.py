@@ -360,7 +360,8 @@ def slowdown_section(idx: Index) -> list[str]:
         "",
         f"{recs[0]['case']}: `train_on_batch` steps timed one by one, in windows with no "
         "write and while a background save runs: into the file the save before it replaced "
-        "and kept, as `ModelCheckpoint` writes (on tmpfs through the mapping kept of it), "
+        "and kept, as `ModelCheckpoint` writes (on tmpfs the snapshot is taken straight "
+        "into the mapping kept of it, and the write copies none of it), "
         "or a new file each time (`fastckpt.save(..., background=True)`). *Lost per write*: "
         "the steps during one write, less as many steps of the window before it: what the "
         "write took from training in all (the ratio also falls when a writer takes the "
