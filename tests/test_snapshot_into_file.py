@@ -155,8 +155,13 @@ def test_a_layout_that_moved_is_written_from_copies(
     for index in placed:  # every value a page early: apart still, but not where it goes
         placed[index] -= 4096
     moved: list[bool] = []
-    real = api._in_place
-    monkeypatch.setattr(api, "_in_place", lambda *a: moved.append(not real(*a)) or real(*a))
+    real = _snapshot.Snapshotter.placed
+
+    def learn(self: Any, *args: Any) -> bool:
+        moved.append(real(self, *args))
+        return moved[-1]
+
+    monkeypatch.setattr(_snapshot.Snapshotter, "placed", learn)
 
     for step in range(2):
         for v in model.trainable_variables:

@@ -428,14 +428,8 @@ class KeptRegion:
     numpy arrays over it (`numpy.asarray(region)`) keep it, and so the mapping, alive."""
 
     @property
-    def length(self) -> int:
-        """Bytes that may be stored to, from the file's start."""
-    @property
-    def address(self) -> int:
-        """The address of the file's first byte in this process."""
-    @property
     def __array_interface__(self) -> dict[str, Any]:
-        """numpy's array interface: the region as writable bytes."""
+        """numpy's array interface: the region as writable bytes, from the file's start."""
 
 def kept_region(path: _Path, length: int = 0) -> KeptRegion | None:
     """The memory of `path`, a kept file in memory that this process writes through a

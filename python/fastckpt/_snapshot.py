@@ -236,12 +236,12 @@ class Snapshotter:
             arena.job = _Reserved()
             return arena
 
-    def into(self, target: Hashable, path: str) -> tuple[Any, dict[int, np.ndarray]] | None:
-        """The memory of the kept file `path` that a save of `target` writes into
-        (`_fastckpt.kept_region`), and views of it by value index at the places where the
-        last file planned for `target` put each value of the arena; None where those are
-        not known, the file's memory is not lent, or the values come from a device (they
-        go through the pinned arena)."""
+    def into(self, target: Hashable, path: str) -> dict[int, np.ndarray] | None:
+        """Views, by value index, of the memory of the kept file `path` that a save of
+        `target` writes into (`_fastckpt.kept_region`; the views keep it lent), at the
+        places where the last file planned for `target` put each value of the arena; None
+        where those are not known, the file's memory is not lent, or the values come from
+        a device (they go through the pinned arena)."""
         placed = self._placed.get(target)
         if placed is None or self._read is None or self._read.on_device or not self._specs:
             return None
@@ -258,14 +258,15 @@ class Snapshotter:
             if at % dtype.alignment:
                 return None
             views[index] = memory[at : at + nbytes(shape, dtype)].view(dtype).reshape(shape)
-        return region, views
+        return views
 
     def placed(
         self, target: Hashable, arrays: Sequence[np.ndarray], slots: Sequence[tuple[int, int, int]]
-    ) -> dict[int, int]:
+    ) -> bool:
         """Learns where a file planned for `target` puts each value of the arena, from its
-        `slots()` and the arrays it was planned from; returns the offsets, by value index
-        (values it holds no slot for left out)."""
+        `slots()` and the arrays it was planned from; returns whether that differs from
+        what was known before: a snapshot taken `into()` the file at the places known
+        before is then not where the file puts it."""
         offsets = {address: offset for offset, address, _ in slots}
         placed = {}
         for index, _, _ in self._specs:
@@ -273,11 +274,11 @@ class Snapshotter:
             if at is not None:
                 placed[index] = at
         with self._lock:
-            self._placed.pop(target, None)
+            moved = self._placed.pop(target, None) != placed
             self._placed[target] = placed
             while len(self._placed) > _TARGETS_PLACED:
                 del self._placed[next(iter(self._placed))]
-        return placed
+        return moved
 
     def take(
         self,

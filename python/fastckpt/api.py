@@ -370,10 +370,9 @@ def start_save(
     # Where the layout of the last such file is known, a background save into a kept file
     # in memory takes its snapshot straight into that file (`Snapshotter.into`).
     target = (fmt.name, path, include_optimizer, weights_only, max_shard_size, extra is None)
-    lent = None
+    into = None
     if writer and background and reuse and not hold:
-        lent = snapshotter_for(plan).into(target, reuse)
-    region, into = (None, None) if lent is None else lent
+        into = snapshotter_for(plan).into(target, reuse)
     if writer:
         snap = snapshot(plan, hold=hold, background=background, into=into)
     else:
@@ -404,8 +403,8 @@ def start_save(
         )
         files = fmt.plan(request)
         if writer and len(files) == 1 and not hold:
-            placed = snapshotter_for(plan).placed(target, snap.arrays, files[0].slots())
-            if into is not None and region is not None and not _in_place(into, placed, region):
+            moved = snapshotter_for(plan).placed(target, snap.arrays, files[0].slots())
+            if into is not None and moved:
                 # The layout moved since the places were learnt (longer metadata): the
                 # values go to the writer as copies, to be written to their new places.
                 arrays = [np.array(a) if i in into else a for i, a in enumerate(snap.arrays)]
@@ -421,16 +420,6 @@ def start_save(
         raise
     snap.lend_to(job)
     return SaveJob(job, path, started, handed_off)
-
-
-def _in_place(
-    views: Mapping[int, np.ndarray], placed: Mapping[int, int], region: _fastckpt.KeptRegion
-) -> bool:
-    """Whether each view of a kept file's memory is where the file planned puts it."""
-    return all(
-        placed.get(i) == view.__array_interface__["data"][0] - region.address
-        for i, view in views.items()
-    )
 
 
 def _save_parts(

@@ -161,25 +161,14 @@ pub struct PyKeptRegion {
 
 #[pymethods]
 impl PyKeptRegion {
-    /// Bytes that may be stored to, from the file's start.
-    #[getter]
-    fn length(&self) -> usize {
-        self.region.len()
-    }
-
-    /// The address of the file's first byte in this process.
-    #[getter]
-    fn address(&self) -> usize {
-        self.region.as_mut_ptr() as usize
-    }
-
-    /// numpy's array interface: the region as writable bytes.
+    /// numpy's array interface: the region as writable bytes, from the file's start.
     #[getter]
     fn __array_interface__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let interface = PyDict::new(py);
         interface.set_item("shape", (self.region.len(),))?;
         interface.set_item("typestr", "|u1")?;
-        interface.set_item("data", (self.address(), false))?;
+        let address = self.region.as_mut_ptr() as usize;
+        interface.set_item("data", (address, false))?;
         interface.set_item("version", 3)?;
         Ok(interface)
     }

@@ -330,21 +330,17 @@ pub(crate) fn take(file: &File) -> Option<MappedFile> {
     let id = identity(file)?;
     let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
     sweep(&mut kept);
-    let map = match kept.iter().position(|k| k.id == id) {
+    let mut map = match kept.iter().position(|k| k.id == id) {
         Some(at) => kept.swap_remove(at).map,
-        None => {
-            let map = lent(id)?;
-            let populated = map.span;
-            MappedFile {
-                map,
-                len: 0,
-                populated,
-            }
-        }
+        // (Every page of a lent mapping was faulted in: it was kept when lent.)
+        None => MappedFile {
+            map: lent(id)?,
+            len: 0,
+            populated: usize::MAX,
+        },
     };
     drop(kept);
     let held = usize::try_from(file.metadata().ok()?.len()).ok()?;
-    let mut map = map;
     map.len = held.min(map.map.span);
     map.populated = map.populated.min(map.len);
     // Cut or punched since (by someone else: our own files keep their pages): let it go.
