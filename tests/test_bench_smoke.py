@@ -195,3 +195,29 @@ def test_zstd_benchmark_reports_each_kind_of_state(tmp_path):
         ratio = rows[kind][5]
         assert ratio.endswith("x") and float(ratio[:-1]) > 0, rows[kind]
     assert not list(tmp_path.iterdir()), "the benchmark leaves no files"
+
+
+def test_the_whole_fit_section_runs_the_backends_asked_for(monkeypatch, tmp_path):
+    """`fastckpt bench --backend jax`: the whole-fit section runs JAX alone; a backend this
+    environment cannot import is an error naming it, before anything runs."""
+    from fastckpt.bench import wholefit
+
+    ran: list[str] = []
+    monkeypatch.setattr(wholefit, "run_backend", lambda b, *args, **kwargs: ran.append(b) or [])
+    assert wholefit.run_all("quick", {"tmpfs": str(tmp_path)}, print, ("jax",)) == []
+    assert ran == ["jax"]
+    ran.clear()
+    wholefit.run_all("quick", {"tmpfs": str(tmp_path)}, print)
+    assert ran == wholefit.backends_available()
+    ran.clear()
+    monkeypatch.setattr(wholefit, "backends_available", lambda: ["tensorflow"])
+    with pytest.raises(ValueError, match=r"\['jax'\] cannot be imported here; .* tensorflow"):
+        wholefit.run_all("quick", {"tmpfs": str(tmp_path)}, print, ("tensorflow", "jax"))
+    assert ran == []
+
+
+def test_bench_refuses_a_backend_keras_does_not_have(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--backend", "numpy", "--only", "wholefit"])
+    assert e.value.code == 2
+    assert "invalid choice: 'numpy'" in capsys.readouterr().err

@@ -49,6 +49,14 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="SECTION",
         help=f"run only these sections (repeatable or comma-separated): {', '.join(SECTIONS)}",
     )
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        choices=("tensorflow", "jax", "torch"),
+        help="the whole-fit section's Keras backends (repeatable; default: every one this "
+        "environment can import)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(handler=_bench)
 
@@ -79,6 +87,7 @@ def _bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         sections=tuple(sections) or SECTIONS,
         plots=not args.no_plots,
         command="fastckpt " + shlex.join(argv),
+        backends=tuple(args.backend or ()),
     )
     return main_exit_code(run(opts))
 

@@ -19,12 +19,14 @@ class Context:
         settings: what to measure and how often.
         targets: scratch folder per target ("tmpfs", "disk"), emptied after each case.
         progress: where progress lines go.
+        backends: the Keras backends of the whole-fit section (empty: every one available).
         records: one dict per (section, target, case, contender); see `add`.
     """
 
     settings: Settings
     targets: dict[str, str]
     progress: Progress
+    backends: tuple[str, ...] = ()
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def path(self, target: str, name: str) -> str:

@@ -33,6 +33,8 @@ class Options:
         tmpfs: folder on tmpfs for the memory target; default /dev/shm. "" skips it.
         sections: which sections to run (default: all).
         plots: write the PNG plots (needs matplotlib).
+        backends: the Keras backends of the whole-fit section (default: every one this
+            environment can import).
     """
 
     mode: str = "default"
@@ -42,6 +44,7 @@ class Options:
     sections: Sequence[str] = SECTIONS
     plots: bool = True
     command: str = ""
+    backends: Sequence[str] = ()
 
 
 def _scratch(parent: str, label: str) -> str:
@@ -79,7 +82,7 @@ def run(opts: Options) -> dict[str, Any]:
         f"{info['cpu_model']}; targets "
         + ", ".join(f"{k}={v['path']} ({v['fstype']})" for k, v in info["targets"].items())
     )
-    ctx = Context(settings, targets, progress)
+    ctx = Context(settings, targets, progress, tuple(opts.backends))
     timings: dict[str, float] = {}
     errors: dict[str, str] = {}
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -131,7 +134,7 @@ def _run_section(section: str, ctx: Context, setup: Any) -> None:
     if section == "wholefit":
         from fastckpt.bench.wholefit import run_all
 
-        ctx.records += run_all(ctx.settings.mode, ctx.targets, ctx.progress.say)
+        ctx.records += run_all(ctx.settings.mode, ctx.targets, ctx.progress.say, ctx.backends)
     elif section == "throughput":
         from fastckpt.bench.throughput import run_sizes
 

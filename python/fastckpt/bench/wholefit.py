@@ -36,6 +36,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 SECTION = "wholefit"
@@ -406,10 +407,19 @@ def backends_available() -> list[str]:
     return [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
 
 
-def run_all(mode: str, targets: dict[str, str], say: Any) -> list[dict[str, Any]]:
-    """The section, for every backend available."""
+def run_all(
+    mode: str, targets: dict[str, str], say: Any, backends: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The section, for `backends` (default: every backend available)."""
+    available = backends_available()
+    missing = [b for b in backends if b not in available]
+    if missing:
+        raise ValueError(
+            f"whole-fit backend(s) {missing} cannot be imported here; this environment has "
+            f"{', '.join(available) or 'none'}"
+        )
     records: list[dict[str, Any]] = []
-    for backend in backends_available():
+    for backend in backends or available:
         folders = {}
         for name, folder in targets.items():
             folders[name] = os.path.join(folder, f"wholefit-{backend}")
