@@ -33,7 +33,7 @@ KERAS_MINOR_TESTS := tests/test_formats.py tests/test_callback_parity.py \
 BACKEND_TESTS := tests/test_backends.py tests/test_api.py tests/test_formats.py \
     tests/test_callback_parity.py tests/test_callback_background.py tests/test_snapshot_hold.py \
     tests/test_device_copy.py tests/test_whole_fit.py tests/test_process_shards.py \
-    tests/test_snapshot_into_file.py
+    tests/test_snapshot_into_file.py tests/test_cuda_driver.py
 
 .PHONY: demo test test-rust test-python test-keras-minors test-backends typecheck dev \
     system-deps bench bench-quick clean

@@ -219,3 +219,83 @@ def test_jax_starts_every_transfer_before_it_waits_for_any():
     assert log[: len(real)] == [("start", i) for i in range(len(real))], "a wait came first"
     for got, want in zip(arrays, real, strict=True):
         assert got.tobytes() == np.asarray(want).tobytes()
+
+
+@pytest.mark.backends("torch", reason="torch's reader of CUDA tensors")
+@pytest.mark.parametrize("background", [False, True])
+def test_torch_on_cuda_copies_on_a_side_stream_after_the_step_and_waits_once(
+    tmp_path, monkeypatch, background
+):
+    """torch's reader, told its values are on `cuda:0` (no test machine has a GPU: torch's
+    streams and pinned allocation are stand-ins that log, the copies run on the CPU): the
+    side stream first waits for the training stream, every value is copied non-blocking
+    into the pinned arena inside it, and the snapshot waits once, before the file is
+    written; the file equals Keras's own."""
+    import contextlib
+
+    import torch
+
+    model = bag_model(0)
+    log: list[tuple] = []
+    training_stream = object()
+
+    class Stream:
+        def __init__(self, device=None) -> None:
+            log.append(("stream", str(device)))
+
+        def wait_stream(self, other) -> None:
+            log.append(("wait for", "training" if other is training_stream else other))
+
+        def synchronize(self) -> None:
+            log.append(("synchronize",))
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(("enter",))
+        yield
+        log.append(("exit",))
+
+    real_empty, real_copy = torch.empty, torch.Tensor.copy_
+
+    def empty(*size, pin_memory=False, **kwargs):
+        log.append(("pinned" if pin_memory else "plain", size))
+        return real_empty(*size, **kwargs)
+
+    def copy_(self, src, non_blocking=False):
+        log.append(("copy", non_blocking))
+        return real_copy(self, src)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: training_stream)
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+    class OnCuda:
+        """What the reader is told a value is: its dtype, on `cuda:0`."""
+
+        def __init__(self, value) -> None:
+            self.dtype, self.device = value.dtype, torch.device("cuda", 0)
+
+    plan = _walk.plan_for(model)
+    values = {id(e.source): OnCuda(e.source.value) for e in plan.entries}
+    snapper = _snapshot.snapshotter_for(plan, values)
+    assert snapper.reader.on_device
+    path = tmp_path / "ours.weights.h5"
+    done = fastckpt.save(model, path, background=background)
+    if background:
+        done.result()
+    log = list(log)
+    model.save_weights(tmp_path / "keras.weights.h5")
+    assert_same_arrays(datasets(tmp_path / "keras.weights.h5"), datasets(path))
+    copies = [entry for entry in log if entry[0] == "copy"]
+    assert copies == [("copy", True)] * len(plan.entries), "every value, non-blocking"
+    assert [e for e in log if e[0] != "copy"] == [
+        ("stream", "cuda:0"),
+        ("pinned", (snapper.buffer_bytes,)),
+        ("wait for", "training"),
+        ("enter",),
+        ("exit",),
+        ("synchronize",),
+    ]
+    assert log[log.index(("enter",)) + 1 : log.index(("exit",))] == copies, "on the side stream"

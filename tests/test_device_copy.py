@@ -3,8 +3,8 @@
 
 No test machine has a GPU: what runs here is the DLPack reading (capsules of numpy and of
 the backend under test, both DLPack versions, what must be refused) through the host
-branch of the copy, and the absence of a driver; the CUDA branch runs only where a GPU is
-(`benches/gpu_snapshot.py`).
+branch of the copy, and the absence of a driver; the CUDA branch runs against a stand-in
+for the driver in `tests/test_cuda_driver.py`, and on a GPU in `benches/gpu_snapshot.py`.
 """
 
 from __future__ import annotations
