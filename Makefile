@@ -36,7 +36,7 @@ BACKEND_TESTS := tests/test_backends.py tests/test_api.py tests/test_formats.py 
     tests/test_snapshot_into_file.py tests/test_cuda_driver.py
 
 .PHONY: demo test test-rust test-python test-keras-minors test-backends typecheck dev \
-    system-deps bench bench-quick clean
+    system-deps bench bench-quick device-bundle clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -115,5 +115,17 @@ bench: dev $(BENCH_STAMP)
 bench-quick: dev $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python -m fastckpt.cli bench --quick
 
+# What a lent GPU machine lacks for benches/gpu_on_device.sh (its image has torch, JAX and
+# h5py, not Keras): a release build of the extension and Keras's wheels for its Python 3.12.
+DEVICE_WHEELS := keras==3.15.1 namex==0.1.0 optree==0.20.0
+
+device-bundle: $(STAMP)
+	PYO3_BUILD_EXTENSION_MODULE=1 cargo build -q -p fastckpt-python --release
+	rm -rf .device && mkdir -p .device/wheels
+	cp target/release/lib_fastckpt.so .device/_fastckpt.abi3.so
+	$(VPY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	    --platform manylinux2014_x86_64 -d .device/wheels $(DEVICE_WHEELS)
+
 clean:
-	rm -rf target $(VENV) $(BENCH_VENV) $(TORCH_VENV) .keras-3.* python/fastckpt/*.so
+	rm -rf target $(VENV) $(BENCH_VENV) $(TORCH_VENV) .device .keras-3.* python/fastckpt/*.so

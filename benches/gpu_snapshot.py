@@ -13,6 +13,10 @@ child process, since Keras picks its backend at import) and a model with `--gib`
   host memory (torch: non-blocking copies into reused pinned buffers, waited for once);
   on a CPU, one thread copying the state into host memory already touched.
 
+After the rounds, the last file saved and a new snapshot are compared with what Keras reads
+from the variables, byte for byte: on a GPU that checks the device path on real hardware
+(exit status 1 if a value differs or a backend's run failed; one not installed is skipped).
+
 Each figure is a median of `--repeats` interleaved rounds (one run of each contender a
 round), each run after a step that gives every variable a new value (JAX caches an
 array's host copy: repeated reads of unchanged arrays would measure the cache).
@@ -134,8 +138,13 @@ def child(gib: float, repeats: int) -> dict[str, Any]:
         refresh_after_write,
     )
     jobs[-1].result()
+    # The state has not changed since the last save: its file, and a snapshot taken now,
+    # must hold what Keras reads, byte for byte (on a GPU, the one check of the device
+    # path against real hardware).
+    wrong = _differences(plan, path, snapper.take(background=True))
     os.remove(path)
     result: dict[str, Any] = {
+        "wrong": wrong,
         "backend": backend,
         "device": device,
         "variables": len(variables),
@@ -147,6 +156,26 @@ def child(gib: float, repeats: int) -> dict[str, Any]:
         result[f"{name}_ms"] = median
         result[f"{name}_range_ms"] = [low, high]
     return result
+
+
+def _differences(plan: Any, path: str, snap: Any) -> list[str]:
+    """The values (by path) where the file at `path` or the snapshot `snap` differ from
+    what Keras reads from the variables now."""
+    import numpy as np
+    import safetensors.numpy
+    from keras.src import backend as kb
+
+    try:
+        saved = safetensors.numpy.load_file(path)
+        wrong = []
+        for entry, taken in zip(plan.entries, snap.arrays, strict=True):
+            want = np.asarray(kb.convert_to_numpy(entry.source))
+            for what, got in (("file", saved.get(entry.path)), ("snapshot", taken)):
+                if got is None or np.asarray(got).tobytes() != want.tobytes():
+                    wrong.append(f"{entry.path} ({what})")
+        return wrong
+    finally:
+        snap.release()
 
 
 def _floor(backend: str, variables: list[Any], nbytes: int) -> tuple[str, Callable[[], None]]:
@@ -225,7 +254,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.gib, args.repeats)))
         return
-    results = []
+    results, failed = [], []
     for backend in args.backends.split(","):
         module = "tensorflow" if backend == "tensorflow" else backend
         if importlib.util.find_spec(module) is None:
@@ -242,6 +271,7 @@ def main() -> None:
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{backend}: failed\n{done.stderr[-3000:]}", file=sys.stderr)
+            failed.append(backend)
             continue
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(
@@ -262,9 +292,14 @@ def main() -> None:
             f"{r['floor_ms']:7.1f}ms {r['snapshot_ms'] / r['floor_ms']:9.2f}x "
             f"{r['save_ms'] / r['floor_ms']:9.2f}x {r['keras_ms'] / r['save_ms']:9.1f}x"
         )
+    for r in results:
+        if r["wrong"]:
+            print(f"{r['backend']}: WRONG VALUES: {', '.join(r['wrong'][:10])}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if failed or any(r["wrong"] for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
