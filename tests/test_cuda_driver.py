@@ -38,6 +38,11 @@ def child(stand_in: str, body: str) -> str:
     return cuda_stand_in.run_child(stand_in, PRELUDE + textwrap.dedent(body))
 
 
+def batch(calls: list[str]) -> list[str]:
+    """The logged calls of a batched copy: device waits, copies, stream waits."""
+    return [line for line in calls if line.startswith(("sync", "copy", "wait"))]
+
+
 def test_the_stand_in_is_the_driver_and_is_found(stand_in):
     out = child(stand_in, "print(log_lines(lib))")
     assert "cuInit" in out
@@ -83,8 +88,7 @@ def test_a_batch_from_two_devices_holds_what_the_step_wrote(stand_in):
     print("\\n".join(log_lines(lib)[len(first):]))
     """
     first, second = (part.strip().splitlines() for part in child(stand_in, body).split("--"))
-    batch = [line for line in first if line.startswith(("sync", "copy", "wait"))]
-    assert batch == [
+    assert batch(first) == [
         "sync device 0",
         "copy device 0 8448 bytes queued -> pageable",
         "copy device 0 40 bytes queued -> pageable",
@@ -146,8 +150,7 @@ def test_a_failed_copy_is_an_error_and_nothing_runs_after_it(stand_in):
         "CheckpointError the CUDA driver's cuMemcpyDtoHAsync failed: "
         "CUDA_ERROR_ILLEGAL_ADDRESS (700)"
     ), out
-    batch = [line for line in out if line.startswith(("sync", "copy", "wait"))]
-    assert batch == [
+    assert batch(out) == [
         "sync device 0",
         "copy device 0 40 bytes queued -> pageable",
         "copy device 0 80 bytes refused -> pageable",
@@ -248,6 +251,6 @@ def test_a_model_on_a_gpu_is_saved_through_the_driver(stand_in, tmp_path, backgr
         assert len(registers) == (1 if i == 0 else 0), calls
         assert len(copies) == count, calls
         assert all(c.endswith("queued -> pinned") for c in copies), calls
-        batch = [c for c in calls if c.startswith(("sync", "copy", "wait"))]
-        assert batch[0] == "sync device 0" and batch[-1] == f"wait device 0: {len(copies)} copies"
-        assert len(batch) == len(copies) + 2, calls
+        queued = batch(calls)
+        assert queued[0] == "sync device 0" and queued[-1] == f"wait device 0: {count} copies"
+        assert len(queued) == count + 2, calls
