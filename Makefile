@@ -95,7 +95,8 @@ $(TORCH_STAMP): $(STAMP)
 test-backends: dev system-deps $(TORCH_STAMP)
 	KERAS_BACKEND=jax $(VPY) -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_backup.py
 	KERAS_BACKEND=torch FASTCKPT_TEST_BACKENDS=tensorflow,jax,torch $(TORCH_VENV)/bin/python \
-	    -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_cross_backend.py
+	    -m pytest -q -p no:cacheprovider $(BACKEND_TESTS) tests/test_backup.py \
+	    tests/test_resume.py tests/test_cross_backend.py
 
 test: $(STAMP) system-deps test-rust test-python test-keras-minors test-backends
 

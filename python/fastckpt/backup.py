@@ -17,10 +17,11 @@ training ends with `delete_checkpoint`. What differs:
   Keras's weight files leave out: dropout masks go on as they would have), the epoch and the
   step inside it (the resumed epoch skips the batches already trained: see
   `_keras_private.skip_steps_of_next_epoch` for when it cannot and starts the epoch over,
-  as Keras does), the metrics' accumulators, Python's and NumPy's global random states,
-  and the state of every fastckpt callback of the same `fit` (`ModelCheckpoint`'s best
-  value, counters and the files `max_to_keep` tracks). A backup commits only after the
-  saves those callbacks still have in flight, so the files it counts on exist.
+  as Keras does), the metrics' accumulators, Python's and NumPy's global random states
+  (and torch's, under torch), and the state of every fastckpt callback of the same `fit`
+  (`ModelCheckpoint`'s best value, counters and the files `max_to_keep` tracks). A backup
+  commits only after the saves those callbacks still have in flight, so the files it
+  counts on exist.
 - `save_freq=False` means no periodic backups (Keras then backs up after every batch).
 - Preemption: on SIGTERM (and any of `preemption_signals`) during `fit`, the backup of the
   current step is written once the step ends, the saves in flight complete, and the
@@ -220,6 +221,10 @@ class BackupAndRestore(keras.callbacks.Callback):
                 *state["numpy_random"],
             )
         )
+        if state["steps_done"] == 0:
+            # At an epoch's end: the next epoch's data iterator draws from torch's
+            # generator when it is made, as it did in the interrupted run.
+            _set_torch_random_states(_saved_torch_random_states(state, extras), weights)
         callbacks = _training_state.keyed(_training_state.registered(self.model))
         for key, value in state["callbacks"].items():
             if key in callbacks:
@@ -228,7 +233,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 self._pending_states[key] = value
         if state["steps_done"] > 0:
             _keras_private.skip_steps_of_next_epoch(
-                state["steps_done"], self._restore_metrics, self._start_epoch_over
+                state["steps_done"], self._resume_mid_epoch, self._start_epoch_over
             )
 
     def _restore_seeds(self, state: dict[str, Any], extras: dict[str, Any], path: str) -> None:
@@ -249,12 +254,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         for i, (_, variable) in enumerate(seeds):
             variable.assign(extras[f"{formats.EXTRA_GROUP}/seeds/{i}"])
 
-    def _restore_metrics(self, batch: Any) -> None:
-        """The metrics' accumulators as they were at the backup's step (once Keras has
-        reset them for the epoch), so that the epoch's logs (and what callbacks decide
-        from them) are the interrupted run's."""
+    def _resume_mid_epoch(self, batch: Any) -> None:
+        """Just before the first step the resumed epoch trains: the metrics' accumulators
+        as they were at the backup's step (once Keras has reset them for the epoch), so
+        that the epoch's logs (and what callbacks decide from them) are the interrupted
+        run's; and torch's generators, now that the epoch's data iterator has drawn from
+        them when it was made, as the interrupted run's had before its backup."""
         assert self._resume is not None
         state, extras = self._resume["state"], self._resume["extras"]
+        _set_torch_random_states(_saved_torch_random_states(state, extras), self._weights_path)
         _keras_private.build_compiled_metrics(self.model, batch)
         variables = list(self.model.metrics_variables)
         if len(variables) == len(state["metrics"]):
@@ -381,6 +389,10 @@ class BackupAndRestore(keras.callbacks.Callback):
             for i, (_, variable) in enumerate(seeds)
         ]
         tensors.append(("numpy_random/keys", np.asarray(keys)))
+        torch_states = _torch_random_states()
+        if torch_states:
+            state["torch_random"] = [name for name, _ in torch_states]
+            tensors += [(f"torch_random/{name}", value) for name, value in torch_states]
         # A newer backup replaces one not begun, except under `double_checkpoint`, whose
         # `.bkp` copy is the previous backup, as in Keras: every one is written.
         if self.double_checkpoint or not self._cancel_unbegun():
@@ -543,3 +555,50 @@ def _replace_with_copy(source: str, target: str) -> None:
 
 def _python_random_state(saved: list[Any]) -> tuple[Any, ...]:
     return (saved[0], tuple(saved[1]), saved[2])
+
+
+def _torch_random_states() -> list[tuple[str, np.ndarray]]:
+    """Under torch, its global generators' states ("cpu", "cuda0", ...): Keras's torch
+    backend draws from them where a seed generator was made without a seed (`Dropout()`'s
+    masks go through `torch.nn.functional.dropout`), so a resumed run must go on from
+    them as it does from its seed generators."""
+    if keras.backend.backend() != "torch":
+        return []
+    import torch
+
+    states = [("cpu", torch.get_rng_state().numpy().copy())]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, cuda in enumerate(torch.cuda.get_rng_state_all()):
+            states.append((f"cuda{i}", cuda.numpy().copy()))
+    return states
+
+
+def _saved_torch_random_states(
+    state: dict[str, Any], extras: dict[str, Any]
+) -> list[tuple[str, np.ndarray]]:
+    """What `_torch_random_states` recorded in a backup (nothing in one made elsewhere)."""
+    names = state.get("torch_random", [])
+    return [(name, extras[f"{formats.EXTRA_GROUP}/torch_random/{name}"]) for name in names]
+
+
+def _set_torch_random_states(saved: list[tuple[str, np.ndarray]], path: str) -> None:
+    """Puts back what `_torch_random_states` recorded; a backup from another backend (or
+    none of torch's) leaves torch's generators as they are, and so does one from a machine
+    with other GPUs, with a warning."""
+    if not saved or keras.backend.backend() != "torch":
+        return
+    import torch
+
+    for name, value in saved:
+        state = torch.from_numpy(np.ascontiguousarray(value, dtype=np.uint8))
+        if name == "cpu":
+            torch.set_rng_state(state)
+        elif torch.cuda.is_available() and int(name[4:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, int(name[4:]))
+        else:
+            warnings.warn(
+                f"{path}: the backup recorded torch's random state of GPU {name[4:]}, which "
+                "this machine does not have; its random draws differ from the interrupted "
+                "run's",
+                stacklevel=3,
+            )
