@@ -20,6 +20,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pc
     --format=csv | tee "$out/gpu.txt"
 python3 -c "import keras, fastckpt, fastckpt._fastckpt as f; print('keras', keras.__version__, 'cuda driver', f.cuda_available())" \
     | tee -a "$out/gpu.txt"
-set -o pipefail
 python3 benches/gpu_snapshot.py --gib "${GIB:-1.0}" --repeats "${REPEATS:-5}" --backends jax,torch \
     --json "$out/gpu_snapshot.json" 2>&1 | tee "$out/gpu_snapshot.txt"
