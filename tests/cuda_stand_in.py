@@ -12,10 +12,10 @@ import ctypes
 import os
 import shutil
 import subprocess
-import sys
-import textwrap
 
 import numpy as np
+
+from child_script import run_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "fake_cuda", "fake_cuda.c")
@@ -36,28 +36,18 @@ def build(folder: str) -> str:
     return folder
 
 
-def run_child(library_folder: str, script: str, *, devices: int = 2, **env: str) -> str:
+def run_child(library_folder: str, script: str, *, devices: int = 2) -> str:
     """Runs `script` in a fresh interpreter that loads the stand-in as its CUDA driver;
-    returns its stdout, failing with its stderr if it exits non-zero."""
+    returns its stdout, failing with its output if it exits non-zero."""
     paths = [library_folder, os.environ.get("LD_LIBRARY_PATH", "")]
-    python_path = [HERE, os.environ.get("PYTHONPATH", "")]
-    child_env = {
-        **os.environ,
-        "LD_LIBRARY_PATH": os.pathsep.join(p for p in paths if p),
-        "PYTHONPATH": os.pathsep.join(p for p in python_path if p),
-        "FAKE_CUDA_DEVICES": str(devices),
-        "FASTCKPT_CUDA": "1",
-        **env,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=child_env,
-        capture_output=True,
-        text=True,
+    return run_script(
+        script,
+        what="a child with the CUDA driver stand-in",
         timeout=300,
+        LD_LIBRARY_PATH=os.pathsep.join(p for p in paths if p),
+        FAKE_CUDA_DEVICES=str(devices),
+        FASTCKPT_CUDA="1",
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
 
 
 # In the child --------------------------------------------------------------------------

@@ -12,44 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from child_script import run_script
 
 BACKENDS = [
     b.strip()
     for b in os.environ.get("FASTCKPT_TEST_BACKENDS", "tensorflow,jax").split(",")
     if b.strip()
 ]
-TESTS = Path(__file__).resolve().parent
 
 
 def run_under(backend: str, script: str) -> dict:
     """Runs `script` under `backend` in a child; returns the JSON it printed last."""
-    import fastckpt
-
-    path = [
-        str(TESTS),
-        str(Path(fastckpt.__file__).parent.parent),
-        os.environ.get("PYTHONPATH", ""),
-    ]
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": backend,
-        "PYTHONPATH": os.pathsep.join(p for p in path if p),
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"under {backend}:\n{done.stderr[-4000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_script(script, what=f"under {backend}", timeout=600, KERAS_BACKEND=backend)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 SAVE = """
