@@ -19,7 +19,7 @@ _BENCH_UNSET = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from fastckpt.bench.settings import SECTIONS
+    from fastckpt.bench.settings import BACKENDS, SECTIONS
 
     p = sub.add_parser(
         "bench",
@@ -53,7 +53,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--backend",
         action="append",
         default=None,
-        choices=("tensorflow", "jax", "torch"),
+        choices=BACKENDS,
         help="the whole-fit section's Keras backends (repeatable; default: every one this "
         "environment can import)",
     )

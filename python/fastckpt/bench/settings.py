@@ -17,6 +17,9 @@ SECTIONS = (
     "memory",
 )
 
+# The Keras backends the whole-fit section can run under (each where it is importable).
+BACKENDS = ("tensorflow", "jax", "torch")
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:

@@ -404,7 +404,9 @@ def backends_available() -> list[str]:
     the bench environment by default: run the bench from `.venv-torch` to include it)."""
     import importlib.util
 
-    return [b for b in ("tensorflow", "jax", "torch") if importlib.util.find_spec(b) is not None]
+    from fastckpt.bench.settings import BACKENDS
+
+    return [b for b in BACKENDS if importlib.util.find_spec(b) is not None]
 
 
 def run_all(
